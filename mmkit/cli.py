@@ -1,0 +1,244 @@
+"""The ``mmkit`` command line.
+
+    mmkit train --recipe llava-tiny [--out DIR] [--set key=value ...]
+    mmkit chat  --checkpoint DIR --image PATH "question"
+    mmkit eval  --checkpoint DIR --task vqa|pope|ground|caption [--split test] [--n N] [--json] [--blind]
+    mmkit demo                       train the tiny LLaVA (once) and chat with it
+    mmkit zoo build [--out DIR]      retrain the tiny pre-trained ViT and LM from scratch
+    mmkit bench shapes               ShapesWorld samples per second
+    mmkit recipes                    list the recipes
+    mmkit env                        what torch sees (CUDA, bf16, bitsandbytes)
+
+Multi-GPU: ``accelerate launch -m mmkit train --recipe ...`` (same arguments).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+__all__ = ["main"]
+
+
+def _print_json_last(obj: dict) -> None:
+    print(json.dumps(obj, default=float))
+
+
+# --------------------------------------------------------------------------- train
+def cmd_train(args: argparse.Namespace) -> int:
+    from mmkit.recipes import apply_overrides, get_recipe
+    from mmkit.train import Trainer
+    from mmkit.vlm import build_model
+
+    recipe = apply_overrides(get_recipe(args.recipe), args.set)
+    out = Path(args.out or f"runs/{recipe.name}")
+    model = build_model(recipe)
+    trainer = Trainer(model, recipe, out, progress=not args.quiet)
+    trainer.train(resume=not args.restart)
+    if trainer.is_main:
+        print(f"saved {out / 'checkpoint'}")
+        print(f"chat with it:  mmkit chat --checkpoint {out} --image PATH \"What colour is the circle?\"")
+    return 0
+
+
+# ---------------------------------------------------------------------------- chat
+def cmd_chat(args: argparse.Namespace) -> int:
+    from mmkit.data.images import load_image
+    from mmkit.train import load_model
+
+    model = load_model(args.checkpoint)
+    images = [load_image(p) for p in (args.image or [])]
+    answer = model.generate(images, args.question, max_new_tokens=args.max_new_tokens,
+                            temperature=args.temperature)[0]
+    print(answer)
+    return 0
+
+
+# ---------------------------------------------------------------------------- eval
+def cmd_eval(args: argparse.Namespace) -> int:
+    from mmkit.eval import evaluate
+    from mmkit.train import load_model
+
+    model = load_model(args.checkpoint)
+    res = evaluate(model, args.task, split=args.split, n=args.n, blind=args.blind, batch_size=args.batch_size)
+    if not args.json:
+        for k, v in res.items():
+            print(f"{k:>12}: {v}")
+    else:
+        _print_json_last(res)
+    return 0
+
+
+# ---------------------------------------------------------------------------- demo
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Train llava-tiny once (a few minutes on CPU), then answer questions about scenes."""
+    from mmkit.data.shapes import ShapesWorld
+    from mmkit.train import CheckpointError, find_checkpoint, load_model
+
+    out = Path(args.out)
+    try:
+        find_checkpoint(out)
+        print(f"using the model trained earlier in {out} (delete it to retrain)")
+    except CheckpointError:
+        print(f"training llava-tiny into {out} (a few minutes on a laptop CPU) ...")
+        argv = ["train", "--recipe", "llava-tiny", "--out", str(out)] + sum((["--set", s] for s in args.set), [])
+        main(argv)
+    model = load_model(out)
+    world = ShapesWorld()
+    scene_dir = out / "scenes"
+    scene_dir.mkdir(exist_ok=True)
+    for i in range(2):
+        rec = world.sample("test", i, task="detail")
+        path = scene_dir / f"scene{i}.png"
+        rec["image"].save(path)
+        print(f"\nimage: {path}   (truth: {rec['conversations'][-1]['value']})")
+        for q in ("Describe the image briefly.", "How many objects are there?", "What colour is the largest object?"):
+            print(f"  you: {q}\n  llava-tiny: {model.generate([rec['image']], q, max_new_tokens=40)[0]}")
+    if sys.stdin.isatty() and not args.no_interactive:
+        from mmkit.data.images import load_image
+
+        print("\nAsk your own questions: 'PATH | question' (empty line to quit).")
+        while True:
+            line = input("> ").strip()
+            if not line:
+                break
+            path, _, q = line.partition("|")
+            try:
+                print(model.generate([load_image(path.strip())], q.strip() or "Describe the image.")[0])
+            except Exception as e:  # keep the loop alive on a bad path / image
+                print(f"error: {e}")
+    return 0
+
+
+# ----------------------------------------------------------------------------- zoo
+def cmd_zoo(args: argparse.Namespace) -> int:
+    from mmkit import zoo
+
+    if args.action == "build":
+        report = zoo.build(out=args.out, smoke=args.smoke, only=args.only)
+        _print_json_last(report)
+    elif args.action == "info":
+        _print_json_last(zoo.info())
+    return 0
+
+
+# --------------------------------------------------------------------------- bench
+def cmd_bench(args: argparse.Namespace) -> int:
+    if args.what == "shapes":
+        from mmkit.data.shapes import benchmark
+
+        res = benchmark(n=args.n, size=args.size, task=args.task)
+        print(f"ShapesWorld: {res['samples_per_s']:.0f} samples/s at {args.size} px, task {args.task} (one core)")
+        _print_json_last(res)
+    return 0
+
+
+def cmd_recipes(args: argparse.Namespace) -> int:
+    from mmkit.recipes import RECIPES, get_recipe
+
+    for name in sorted(RECIPES):
+        r = get_recipe(name)
+        stages = " -> ".join(f"{s.name}[{'+'.join(s.train)}] x{s.steps}" for s in r.stages)
+        print(f"{name:<16} vision={r.vision:<36} lm={r.lm:<42} bridge={r.bridge:<10} {stages}")
+    return 0
+
+
+def cmd_env(args: argparse.Namespace) -> int:
+    import platform
+
+    import torch
+
+    info = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda_available": torch.cuda.is_available(),
+        "cuda_device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "bf16": torch.cuda.is_available() and torch.cuda.is_bf16_supported(),
+    }
+    try:
+        import bitsandbytes as bnb
+
+        info["bitsandbytes"] = bnb.__version__
+    except Exception as e:  # pragma: no cover - depends on the machine
+        info["bitsandbytes"] = f"unavailable ({e.__class__.__name__})"
+    for k, v in info.items():
+        print(f"{k:>15}: {v}")
+    return 0
+
+
+# ---------------------------------------------------------------------------- main
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mmkit", description="Learn how multimodal LLMs work by building them.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train a recipe")
+    t.add_argument("--recipe", required=True)
+    t.add_argument("--out", help="output folder (default runs/RECIPE); training resumes from it")
+    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe field")
+    t.add_argument("--restart", action="store_true", help="ignore a checkpoint in --out and start over")
+    t.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.set_defaults(fn=cmd_train)
+
+    c = sub.add_parser("chat", help="ask a trained model about an image")
+    c.add_argument("--checkpoint", required=True)
+    c.add_argument("--image", action="append", help="image path (repeat for several images)")
+    c.add_argument("question")
+    c.add_argument("--max-new-tokens", type=int, default=64)
+    c.add_argument("--temperature", type=float, default=0.0)
+    c.set_defaults(fn=cmd_chat)
+
+    e = sub.add_parser("eval", help="evaluate a trained model on ShapesWorld")
+    e.add_argument("--checkpoint", required=True)
+    e.add_argument("--task", default="vqa", choices=["vqa", "pope", "ground", "caption"])
+    e.add_argument("--split", default="test", choices=["train", "val", "test", "holdout"])
+    e.add_argument("--n", type=int, default=200)
+    e.add_argument("--batch-size", type=int, default=32)
+    e.add_argument("--blind", action="store_true", help="ask without the image (the LM-only baseline)")
+    e.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    e.set_defaults(fn=cmd_eval)
+
+    d = sub.add_parser("demo", help="train the tiny LLaVA once, then chat with it")
+    d.add_argument("--out", default="runs/llava-tiny")
+    d.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    d.add_argument("--no-interactive", action="store_true")
+    d.set_defaults(fn=cmd_demo)
+
+    z = sub.add_parser("zoo", help="the tiny pre-trained encoder and LM")
+    z.add_argument("action", choices=["build", "info"])
+    z.add_argument("--out", default=None, help="assets folder to write (default: the shipped assets/)")
+    z.add_argument("--smoke", action="store_true", help="a seconds-long build, for tests")
+    z.add_argument("--only", choices=["vision", "lm"], default=None)
+    z.set_defaults(fn=cmd_zoo)
+
+    b = sub.add_parser("bench", help="speed benchmarks that print their figures")
+    b.add_argument("what", choices=["shapes"])
+    b.add_argument("--n", type=int, default=2000)
+    b.add_argument("--size", type=int, default=64)
+    b.add_argument("--task", default="vqa")
+    b.set_defaults(fn=cmd_bench)
+
+    r = sub.add_parser("recipes", help="list the recipes")
+    r.set_defaults(fn=cmd_recipes)
+    v = sub.add_parser("env", help="what torch sees on this machine")
+    v.set_defaults(fn=cmd_env)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except (ValueError, FileNotFoundError) as e:
+        # Errors of ours carry their fix in the message: show it without a traceback.
+        if os.environ.get("MMKIT_DEBUG"):
+            raise
+        print(f"mmkit {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

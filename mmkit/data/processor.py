@@ -1,0 +1,233 @@
+"""The processor: one conversation record -> the tensors a VLM trains on.
+
+Every family in mmkit goes through this one file. It does three things:
+
+1. **Images -> tensors** with the vision side's own resize / pad / normalisation
+   (a callable the model hands over, e.g. ``VisionEncoder.preprocess``).
+2. **Text -> token ids** through the language model's *chat template*, and each
+   ``<image>`` placeholder in the text replaced by the token ids *the model asks for*:
+
+   ========================  =================================================
+   family                    one ``<image>`` placeholder becomes
+   ========================  =================================================
+   prefix (LLaVA, BLIP-2)    N copies of the image token (N = bridge outputs)
+   Qwen-VL                   ``<img>`` + N image tokens + ``</img>``
+   Flamingo                  one image marker (cross-attention does the rest)
+   Fuyu                      rows x (cols image tokens + one ``|NEWLINE|``)
+   ========================  =================================================
+
+   The model states its expansion as a function ``expand(pixel_values) -> list[int]``
+   so the processor never needs to know which family it serves.
+3. **Labels**: the loss is computed only on what the assistant says. Every other
+   position (system prompt, user turns, the template's role markers, image tokens,
+   padding) gets ``IGNORE_INDEX = -100``, which ``F.cross_entropy`` skips.
+
+``collate`` pads a list of encoded samples: on the right for training (labels pad
+with -100), on the left for generation (so every prompt ends at the same column and
+the first generated token of every row is produced at the same step).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+
+from mmkit.data.images import load_image
+from mmkit.language import IMAGE_TOKEN, to_chat_messages
+
+IGNORE_INDEX = -100
+
+__all__ = ["IGNORE_INDEX", "Processor", "ProcessorError", "Encoded", "collate"]
+
+
+class ProcessorError(ValueError):
+    """A sample that cannot be turned into tensors; the message names it and says why."""
+
+
+@dataclass
+class Encoded:
+    """One processed sample."""
+
+    input_ids: list[int]
+    labels: list[int]
+    pixel_values: list[torch.Tensor] = field(default_factory=list)  # each (3, H, W)
+    id: str = ""
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+def _images_of(record: dict) -> list:
+    if "images" in record and record["images"] is not None:
+        return list(record["images"])
+    if record.get("image") is not None:
+        return [record["image"]]
+    return []
+
+
+class Processor:
+    """Turns LLaVA-format records into token ids, labels and pixel tensors.
+
+    Args:
+        tokenizer: a transformers tokenizer with a chat template and ``<image>`` token.
+        image_transform: ``list[PIL.Image] -> (N, 3, H, W)`` tensor (the encoder's own).
+        expand: ``(3, H, W) pixel tensor -> list[int]``: the ids one image becomes.
+        max_length: longest sequence; longer text is cut from the end, never inside images.
+        system_prompt: optional system message put in front of every conversation.
+    """
+
+    def __init__(
+        self,
+        tokenizer,
+        image_transform: Callable[[list], torch.Tensor] | None,
+        expand: Callable[[torch.Tensor], list[int]] | None,
+        *,
+        max_length: int = 512,
+        system_prompt: str | None = None,
+    ):
+        self.tokenizer = tokenizer
+        self.image_transform = image_transform
+        self.expand = expand
+        self.max_length = max_length
+        self.system_prompt = system_prompt
+        if IMAGE_TOKEN not in tokenizer.get_vocab():
+            raise ProcessorError(
+                f"the tokenizer has no {IMAGE_TOKEN!r} token; load the LM with "
+                "mmkit.language.load_language_model, which adds it"
+            )
+
+    # ------------------------------------------------------------------ text
+    def _messages(self, record: dict) -> list[dict]:
+        messages = to_chat_messages(record["conversations"])
+        if self.system_prompt and (not messages or messages[0]["role"] != "system"):
+            messages = [{"role": "system", "content": self.system_prompt}] + messages
+        return messages
+
+    def _template(self, messages: list[dict], generation_prompt: bool) -> str:
+        return self.tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=generation_prompt
+        )
+
+    def _render(self, messages: list[dict], for_generation: bool, sid: str) -> tuple[str, list[tuple[int, int]]]:
+        """The conversation as one string, plus the character spans the assistant wrote.
+
+        The spans come from rendering growing prefixes of the conversation: the text an
+        assistant turn adds is everything between "prompt up to here + generation prompt"
+        and "prompt including this turn". That works for any chat template in which a
+        conversation's rendering starts with the rendering of its first turns.
+        """
+        if for_generation and messages and messages[-1]["role"] == "assistant":
+            messages = messages[:-1]  # the model writes the last answer itself
+        text = self._template(messages, generation_prompt=for_generation)
+        spans: list[tuple[int, int]] = []
+        if not for_generation:
+            for i, m in enumerate(messages):
+                if m["role"] != "assistant":
+                    continue
+                before = self._template(messages[:i], generation_prompt=True) if i else ""
+                upto = self._template(messages[: i + 1], generation_prompt=False)
+                if not text.startswith(upto) or not upto.startswith(before):
+                    raise ProcessorError(
+                        f"sample {sid!r}: the tokenizer's chat template does not render a "
+                        "conversation as a prefix of its continuation, so assistant turns "
+                        "cannot be located for the label mask; use a ChatML-style template"
+                    )
+                spans.append((len(before), len(upto)))
+        return text, spans
+
+    # ---------------------------------------------------------------- encode
+    def encode(self, record: dict, *, for_generation: bool = False) -> Encoded:
+        """One record -> ``Encoded`` (ids, labels, pixel tensors).
+
+        ``for_generation=True`` drops a trailing assistant turn and appends the
+        generation prompt, so the model continues as the assistant.
+        """
+        sid = str(record.get("id", "?"))
+        images = _images_of(record)
+        messages = self._messages(record)
+        n_placeholders = sum(m["content"].count(IMAGE_TOKEN) for m in messages)
+        if n_placeholders != len(images):
+            raise ProcessorError(
+                f"sample {sid!r}: the text has {n_placeholders} {IMAGE_TOKEN} placeholder(s) "
+                f"but {len(images)} image(s) were given; put exactly one {IMAGE_TOKEN} in a "
+                "user turn where each image belongs, in the order of the images"
+            )
+        if images and (self.image_transform is None or self.expand is None):
+            raise ProcessorError(f"sample {sid!r} has images but this model takes text only")
+
+        pixel_values: list[torch.Tensor] = []
+        if images:
+            pil = [load_image(im, where=f"sample {sid!r}") for im in images]
+            batch = self.image_transform(pil)
+            pixel_values = list(batch) if isinstance(batch, torch.Tensor) else list(batch)
+
+        text, spans = self._render(messages, for_generation, sid)
+        pieces = text.split(IMAGE_TOKEN)  # len(pieces) == len(images) + 1
+        ids: list[int] = []
+        labels: list[int] = []
+        images_end = 0  # one past the last image token: truncation must not cut before it
+        offset = 0
+        for k, piece in enumerate(pieces):
+            enc = self.tokenizer(piece, add_special_tokens=False, return_offsets_mapping=True)
+            for tok, (a, _b) in zip(enc["input_ids"], enc["offset_mapping"]):
+                ids.append(tok)
+                pos = offset + a
+                in_answer = any(s <= pos < e for s, e in spans)
+                labels.append(tok if in_answer else IGNORE_INDEX)
+            offset += len(piece) + len(IMAGE_TOKEN)
+            if k < len(images):
+                image_ids = list(self.expand(pixel_values[k]))
+                ids.extend(image_ids)
+                labels.extend([IGNORE_INDEX] * len(image_ids))
+                images_end = len(ids)
+
+        if len(ids) > self.max_length:
+            if images_end > self.max_length or for_generation:
+                raise ProcessorError(
+                    f"sample {sid!r}: {len(ids)} tokens do not fit max_length={self.max_length}"
+                    + (" without cutting an image" if images_end > self.max_length else "")
+                    + "; raise max_length (recipe key max_length) or shorten the conversation"
+                )
+            ids, labels = ids[: self.max_length], labels[: self.max_length]
+        return Encoded(ids, labels, pixel_values, sid)
+
+    def __call__(self, records: Sequence[dict], *, for_generation: bool = False) -> dict[str, Any]:
+        """Encode and collate a batch of records."""
+        encoded = [self.encode(r, for_generation=for_generation) for r in records]
+        return collate(encoded, pad_id=self.tokenizer.pad_token_id,
+                       padding_side="left" if for_generation else "right")
+
+
+def collate(samples: Sequence[Encoded], *, pad_id: int, padding_side: str = "right") -> dict[str, Any]:
+    """Pad to the longest sample.
+
+    Returns ``input_ids`` / ``attention_mask`` / ``labels`` of shape (B, T) and
+    ``pixel_values``: all images of the batch in order, stacked to (N_img, 3, H, W)
+    when they share a size, else a list (encoder-free models take any size).
+    """
+    if padding_side not in ("left", "right"):
+        raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+    T = max(len(s) for s in samples)
+    B = len(samples)
+    input_ids = torch.full((B, T), pad_id, dtype=torch.long)
+    labels = torch.full((B, T), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((B, T), dtype=torch.long)
+    for i, s in enumerate(samples):
+        n = len(s)
+        sl = slice(T - n, T) if padding_side == "left" else slice(0, n)
+        input_ids[i, sl] = torch.tensor(s.input_ids, dtype=torch.long)
+        labels[i, sl] = torch.tensor(s.labels, dtype=torch.long)
+        attention_mask[i, sl] = 1
+    images = [p for s in samples for p in s.pixel_values]
+    pixel_values: torch.Tensor | list[torch.Tensor] | None = None
+    if images:
+        same = all(p.shape == images[0].shape for p in images)
+        pixel_values = torch.stack(images) if same else images
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "labels": labels,
+        "pixel_values": pixel_values,
+        "ids": [s.id for s in samples],
+    }

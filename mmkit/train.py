@@ -1,0 +1,450 @@
+"""One Trainer for every family: stages, optimizer groups, checkpoints that resume exactly.
+
+A recipe is a list of stages (``mmkit.recipes.Stage``). For each stage the Trainer
+
+1. freezes every parameter, then unfreezes the module groups the stage names
+   (``model.module_groups()``: ``vision``, ``bridge``, ``lm``; ``lora`` = the LoRA
+   adapters inside the LM);
+2. builds AdamW with one parameter group per trained module group (each may have its
+   own learning rate; no weight decay on biases and norms) and a linear-warmup +
+   cosine-decay schedule;
+3. runs ``steps`` optimizer steps of ``grad_accum`` micro-batches each, clipping the
+   gradient norm, under ``accelerate`` (device placement, mixed precision on GPU,
+   several processes with ``accelerate launch``);
+4. logs loss / lr / speed to ``metrics.jsonl`` and a tqdm bar, and calls callbacks
+   (a later notebook records Flamingo's gate values this way).
+
+Data position is a pure function of (stage, step, micro-step, rank): sample ``i`` of a
+batch is ShapesWorld sample number ``offset(stage) + ((step * accum + micro) * world +
+rank) * batch + i``. So resuming needs only the step, and a resumed run sees exactly
+the samples the uninterrupted run would have seen.
+
+Checkpoints (``OUT/checkpoint/``) hold the recipe (JSON), only the trained weights
+(safetensors) and the trainer state (optimizer, scheduler, RNG, stage, step). They are
+written to a temporary folder and swapped in with renames, so a crash mid-write never
+leaves a half checkpoint: there is always a complete one (new or old).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from mmkit.recipes import Recipe, Stage
+
+__all__ = [
+    "Trainer", "Callback", "TrainData", "save_checkpoint", "load_model", "find_checkpoint",
+    "CheckpointError", "trainable_state_dict", "set_trainable",
+]
+
+CKPT = "checkpoint"
+WEIGHTS = "model.safetensors"
+RECIPE = "recipe.json"
+STATE = "trainer_state.pt"
+METRICS = "metrics.jsonl"
+STAGE_OFFSET = 10_000_000  # stage k reads ShapesWorld samples from k * STAGE_OFFSET on
+
+
+class CheckpointError(FileNotFoundError):
+    """A checkpoint folder that is missing or incomplete."""
+
+
+# ----------------------------------------------------------------------------- data
+class TrainData:
+    """The records of one stage, addressed by (step, micro, rank): no hidden state.
+
+    ShapesWorld (default): an endless, deterministic stream of the stage's task mix.
+    A LLaVA-format file (``stage.data``): records in a seeded permutation per epoch.
+    """
+
+    def __init__(self, recipe: Recipe, stage: Stage, stage_index: int):
+        self.stage = stage
+        self.offset = stage_index * STAGE_OFFSET
+        self.seed = recipe.seed
+        self.records: list[dict] | None = None
+        if stage.data:
+            from mmkit.data.conversations import load_conversations
+
+            self.records = load_conversations(stage.data, stage.image_folder)
+            if not self.records:
+                raise ValueError(f"{stage.data}: no usable records")
+        else:
+            from mmkit.data.shapes import ShapesConfig, ShapesWorld
+
+            cfg = ShapesConfig(**{"image_size": recipe.image_size, **recipe.shapes})
+            self.world = ShapesWorld(cfg, seed=recipe.seed)
+
+    def batch(self, step: int, micro: int, rank: int = 0, world_size: int = 1) -> list[dict]:
+        B = self.stage.batch_size
+        start = ((step * self.stage.grad_accum + micro) * world_size + rank) * B
+        if self.records is None:
+            return self.world.samples("train", self.stage.tasks, self.offset + start, B)
+        N = len(self.records)
+        out = []
+        for i in range(start, start + B):
+            epoch, j = divmod(i, N)
+            perm = np.random.default_rng([self.seed, epoch]).permutation(N)
+            out.append(self.records[int(perm[j])])
+        return out
+
+
+# ------------------------------------------------------------------------ trainable
+def set_trainable(model: nn.Module, groups: Sequence[str]) -> list[str]:
+    """Freeze everything, then unfreeze the named module groups; returns trained names."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    module_groups = model.module_groups()
+    for g in groups:
+        if g == "lora":
+            hits = 0
+            for n, p in model.named_parameters():
+                if "lora_" in n:
+                    p.requires_grad_(True)
+                    hits += 1
+            if not hits:
+                raise ValueError("stage trains 'lora' but the model has no LoRA adapters; set recipe.lora")
+            continue
+        if g not in module_groups:
+            raise ValueError(f"unknown module group {g!r}; this model has {sorted(module_groups)} and 'lora'")
+        for p in module_groups[g].parameters():
+            if p.is_floating_point():
+                p.requires_grad_(True)
+    return [n for n, p in model.named_parameters() if p.requires_grad]
+
+
+def _group_of(name: str, groups: dict[str, nn.Module], model: nn.Module) -> str:
+    if "lora_" in name:
+        return "lora"
+    for g in groups:
+        if name.startswith(g + "."):
+            return g
+    return "other"
+
+
+def trainable_state_dict(model: nn.Module, names: set[str]) -> dict[str, torch.Tensor]:
+    sd = model.state_dict()
+    return {n: sd[n].detach().cpu().contiguous() for n in sorted(names) if n in sd}
+
+
+# ---------------------------------------------------------------------- checkpoints
+def _atomic_dir_swap(tmp: Path, final: Path) -> None:
+    old = final.with_name(final.name + ".old")
+    if old.exists():
+        shutil.rmtree(old)
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def save_checkpoint(
+    out_dir: str | Path,
+    model: nn.Module,
+    recipe: Recipe,
+    trained_names: set[str],
+    state: dict[str, Any] | None = None,
+) -> Path:
+    """Write ``out_dir/checkpoint`` atomically: recipe + trained weights (+ trainer state)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    final = out_dir / CKPT
+    tmp = out_dir / f"{CKPT}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    (tmp / RECIPE).write_text(recipe.to_json())
+    save_file(trainable_state_dict(model, trained_names), str(tmp / WEIGHTS), metadata={"format": "pt"})
+    if state is not None:
+        torch.save(state, tmp / STATE)
+    _atomic_dir_swap(tmp, final)
+    return final
+
+
+def find_checkpoint(path: str | Path) -> Path:
+    """``path`` may be a training output folder or the checkpoint folder itself."""
+    path = Path(path)
+    for cand in (path / CKPT, path / (CKPT + ".old"), path):
+        if (cand / RECIPE).is_file():
+            missing = [f for f in (WEIGHTS,) if not (cand / f).is_file()]
+            if missing:
+                raise CheckpointError(
+                    f"checkpoint {cand} is incomplete: {', '.join(missing)} is missing; "
+                    "retrain or resume with `mmkit train --out` on the same folder"
+                )
+            return cand
+    if not path.exists():
+        raise CheckpointError(f"checkpoint folder {path} does not exist; train one with "
+                              "`mmkit train --recipe llava-tiny --out DIR` and pass that DIR")
+    raise CheckpointError(f"{path} holds no checkpoint ({RECIPE} not found there or in {path / CKPT}); "
+                          "pass the --out folder of a `mmkit train` run")
+
+
+def load_model(path: str | Path, *, device: str | torch.device | None = None):
+    """Rebuild a trained model from its checkpoint folder (recipe + trained weights)."""
+    from mmkit.nn import load_state_dict_strict  # noqa: F401  (same error style below)
+    from mmkit.vlm import build_model
+
+    ckpt = find_checkpoint(path)
+    recipe = Recipe.from_json((ckpt / RECIPE).read_text())
+    model = build_model(recipe)
+    trained = load_file(str(ckpt / WEIGHTS))
+    own = model.state_dict()
+    unexpected = sorted(k for k in trained if k not in own)
+    wrong = sorted(k for k in trained if k in own and own[k].shape != trained[k].shape)
+    if unexpected or wrong:
+        raise CheckpointError(
+            f"{ckpt / WEIGHTS} does not fit the model its recipe builds: unexpected "
+            f"{unexpected[:5]}, wrong shape {wrong[:5]}; was the recipe edited after training?"
+        )
+    model.load_state_dict(trained, strict=False)  # only the trained tensors; the rest is the base
+    model.recipe = recipe
+    model.eval()
+    if device is not None:
+        model.to(device)
+    return model
+
+
+# ------------------------------------------------------------------------- schedule
+def warmup_cosine(warmup: int, total: int, min_ratio: float = 0.1) -> Callable[[int], float]:
+    """LR multiplier: linear warmup to 1, then cosine decay to ``min_ratio``."""
+
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / max(1, warmup)
+        t = (step - warmup) / max(1, total - warmup)
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+
+    return f
+
+
+def _rng_state() -> dict[str, Any]:
+    st = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        st["cuda"] = torch.cuda.get_rng_state_all()
+    return st
+
+
+def _set_rng_state(st: dict[str, Any]) -> None:
+    random.setstate(st["python"])
+    np.random.set_state(st["numpy"])
+    torch.set_rng_state(st["torch"])
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(st["cuda"])
+
+
+# ------------------------------------------------------------------------ callbacks
+class Callback:
+    """Override what you need; ``logs`` has stage, step, global_step, loss, lr, ..."""
+
+    def on_stage_start(self, trainer: "Trainer", stage: Stage) -> None: ...
+
+    def on_step_end(self, trainer: "Trainer", logs: dict[str, Any]) -> None: ...
+
+    def on_stage_end(self, trainer: "Trainer", stage: Stage) -> None: ...
+
+
+class StopTraining(Exception):
+    """Raised by a callback to stop (the last checkpoint stays valid)."""
+
+
+# -------------------------------------------------------------------------- trainer
+@dataclass
+class Trainer:
+    """Runs a recipe's stages on a model, with checkpoints that resume exactly.
+
+    Example::
+
+        model = build_model(get_recipe("llava-tiny"))
+        Trainer(model, recipe, "runs/llava").train()
+    """
+
+    model: nn.Module
+    recipe: Recipe
+    out_dir: str | Path
+    callbacks: list[Callback] = field(default_factory=list)
+    progress: bool = True
+    accelerator: Any = None
+
+    def __post_init__(self):
+        self.out_dir = Path(self.out_dir)
+        if self.accelerator is None:
+            from accelerate import Accelerator
+
+            mp = self.recipe.mixed_precision
+            if mp == "auto":
+                mp = "no"
+                if torch.cuda.is_available():
+                    mp = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+            self.accelerator = Accelerator(mixed_precision=mp, cpu=not torch.cuda.is_available())
+        self.trained_names: set[str] = set()
+        self.state = {"stage": 0, "step": 0}
+        self.history: list[dict[str, Any]] = []
+
+    # ---------------------------------------------------------------- helpers
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    def _optimizer(self, stage: Stage) -> torch.optim.Optimizer:
+        groups = self.model.module_groups()
+        buckets: dict[tuple[str, bool], list[nn.Parameter]] = {}
+        for n, p in self.model.named_parameters():
+            if not p.requires_grad:
+                continue
+            g = _group_of(n, groups, self.model)
+            no_decay = p.ndim < 2  # biases, norms, gates
+            buckets.setdefault((g, no_decay), []).append(p)
+        param_groups = [
+            {"params": ps, "lr": stage.lr_groups.get(g, stage.lr),
+             "weight_decay": 0.0 if nd else stage.weight_decay, "name": f"{g}{'/no_decay' if nd else ''}"}
+            for (g, nd), ps in sorted(buckets.items())
+        ]
+        use_fused = False
+        return torch.optim.AdamW(param_groups, betas=(0.9, 0.98), eps=1e-8, fused=use_fused)
+
+    def _log(self, logs: dict[str, Any]) -> None:
+        self.history.append(logs)
+        if self.is_main:
+            with open(self.out_dir / METRICS, "a") as f:
+                f.write(json.dumps(logs) + "\n")
+
+    def _resume(self) -> dict[str, Any] | None:
+        ckpt = self.out_dir / CKPT
+        if not (ckpt / STATE).is_file():
+            old = self.out_dir / (CKPT + ".old")
+            if (old / STATE).is_file():  # crashed between the two renames
+                ckpt = old
+            else:
+                return None
+        saved = Recipe.from_json((ckpt / RECIPE).read_text())
+        if [s.name for s in saved.stages] != [s.name for s in self.recipe.stages] or saved.bridge != self.recipe.bridge:
+            raise CheckpointError(
+                f"{self.out_dir} holds a checkpoint of a different recipe ({saved.name}); "
+                "use another --out folder or delete it"
+            )
+        weights = load_file(str(ckpt / WEIGHTS))
+        self.model.load_state_dict(weights, strict=False)
+        state = torch.load(ckpt / STATE, weights_only=False)
+        self.trained_names = set(state["trained_names"])
+        # keep metrics up to the checkpoint only (a crash may have logged past it)
+        mpath = self.out_dir / METRICS
+        if mpath.exists() and self.is_main:
+            keep = [l for l in mpath.read_text().splitlines()
+                    if l.strip() and json.loads(l)["global_step"] <= state["global_step"]]
+            mpath.write_text("".join(l + "\n" for l in keep))
+        return state
+
+    def _save(self, stage_idx: int, step: int, global_step: int, optimizer, scheduler) -> None:
+        self.accelerator.wait_for_everyone()
+        if self.is_main:
+            state = {
+                "stage": stage_idx, "step": step, "global_step": global_step,
+                "optimizer": optimizer.state_dict() if optimizer is not None else None,
+                "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                "rng": _rng_state(), "trained_names": sorted(self.trained_names),
+            }
+            save_checkpoint(self.out_dir, self.accelerator.unwrap_model(self.model)
+                            if self.model is not None else self.model, self.recipe, self.trained_names, state)
+        self.accelerator.wait_for_everyone()
+
+    # ------------------------------------------------------------------- train
+    def train(self, resume: bool = True) -> nn.Module:
+        acc = self.accelerator
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        if self.is_main:
+            (self.out_dir / RECIPE).write_text(self.recipe.to_json())
+        torch.manual_seed(self.recipe.seed)
+        random.seed(self.recipe.seed)
+        np.random.seed(self.recipe.seed)
+        state = self._resume() if resume else None
+        if state is None and self.is_main and (self.out_dir / METRICS).exists():
+            (self.out_dir / METRICS).unlink()
+        start_stage = state["stage"] if state else 0
+        global_step = state["global_step"] if state else 0
+        total = self.recipe.total_steps()
+        bar = None
+        if self.progress and self.is_main:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=total, initial=global_step, desc=self.recipe.name, dynamic_ncols=True)
+        self.model.to(acc.device)
+        try:
+            for si in range(start_stage, len(self.recipe.stages)):
+                stage = self.recipe.stages[si]
+                start_step = state["step"] if (state and si == state["stage"]) else 0
+                if start_step >= stage.steps:
+                    continue
+                names = set_trainable(self.model, stage.train)
+                self.trained_names |= set(names)
+                optimizer = self._optimizer(stage)
+                scheduler = torch.optim.lr_scheduler.LambdaLR(
+                    optimizer, warmup_cosine(stage.warmup_steps, stage.steps))
+                if state and si == state["stage"] and state.get("optimizer") is not None and start_step > 0:
+                    optimizer.load_state_dict(state["optimizer"])
+                    scheduler.load_state_dict(state["scheduler"])
+                    _set_rng_state(state["rng"])
+                model, optimizer, scheduler = acc.prepare(self.model, optimizer, scheduler)
+                data = TrainData(self.recipe, stage, si)
+                for cb in self.callbacks:
+                    cb.on_stage_start(self, stage)
+                model.train()
+                t0 = time.perf_counter()
+                for step in range(start_step, stage.steps):
+                    loss_sum, n_tok = 0.0, 0
+                    for micro in range(stage.grad_accum):
+                        records = data.batch(step, micro, acc.process_index, acc.num_processes)
+                        batch = self.model.processor(records)
+                        batch = {k: (v.to(acc.device) if torch.is_tensor(v) else v)
+                                 for k, v in batch.items() if k != "ids"}
+                        with acc.autocast():
+                            out = model(**batch)
+                        loss = out["loss"] / stage.grad_accum
+                        acc.backward(loss)
+                        loss_sum += float(out["loss"].detach())
+                        n_tok += int((batch["labels"] != -100).sum())
+                    if stage.max_grad_norm:
+                        acc.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
+                                            stage.max_grad_norm)
+                    optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    global_step += 1
+                    logs = {
+                        "stage": stage.name, "step": step + 1, "global_step": global_step,
+                        "loss": loss_sum / stage.grad_accum, "lr": scheduler.get_last_lr()[0],
+                        "tokens": n_tok, "seconds": time.perf_counter() - t0,
+                    }
+                    if (step + 1) % self.recipe.log_every == 0 or step + 1 == stage.steps:
+                        self._log(logs)
+                    if bar is not None:
+                        bar.update(1)
+                        bar.set_postfix(stage=stage.name, loss=f"{logs['loss']:.3f}")
+                    for cb in self.callbacks:
+                        cb.on_step_end(self, logs)
+                    every = self.recipe.save_every
+                    if every and (step + 1) % every == 0 and step + 1 < stage.steps:
+                        self._save(si, step + 1, global_step, optimizer, scheduler)
+                for cb in self.callbacks:
+                    cb.on_stage_end(self, stage)
+                self.model = acc.unwrap_model(model)
+                # stage done: the next stage starts fresh (new optimizer), so save no optimizer
+                self._save(si + 1, 0, global_step, None, None)
+                acc.free_memory()
+                state = None
+        finally:
+            if bar is not None:
+                bar.close()
+        self.model.eval()
+        return self.model

@@ -1,0 +1,362 @@
+"""The tiny pre-trained parts every bridge connects: a CLIP-trained ViT and a small Llama.
+
+Real VLMs bridge two *pre-trained, frozen* experts: a vision encoder trained with
+CLIP (image-text contrastive learning) and a language model trained on text alone.
+The tiny world needs the same two experts, so ``mmkit zoo build`` trains them here,
+from scratch, on ShapesWorld, in a few minutes on a laptop CPU:
+
+1. **Tokenizer**: byte-level BPE learned from ShapesWorld text.
+2. **Vision encoder**: a ``TinyViT`` trained CLIP-style (Radford et al. 2021, Fig. 1)
+   against a small text transformer: a batch of N (image, caption) pairs gives an
+   N x N similarity matrix; a symmetric cross-entropy pushes the diagonal (the true
+   pairs) up and everything else down, with a learned temperature (init 0.07).
+   Only the image tower is shipped; the text tower is a training device.
+3. **Language model**: a ``LlamaForCausalLM`` trained on ShapesWorld *text*: captions,
+   descriptions and chat-formatted questions and answers with the image removed. It
+   learns the language and the chat format but has never seen a picture, so its
+   answers to "What colour is the star?" are guesses from priors: the *blind*
+   baseline every bridge must beat.
+
+Quality figures printed (and written to ``assets/tiny/report.json``):
+    vision: zero-shot image->caption retrieval R@1 among 100 test candidates; linear
+            probes for colour and shape on single-object test scenes
+    lm:     held-out perplexity; blind VQA accuracy per question type
+
+The shipped weights live in ``assets/tiny/{vision,lm}`` (safetensors + config) and load
+offline in well under 2 s.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from mmkit import nn as mnn
+from mmkit.paths import assets_dir
+
+__all__ = ["build", "info", "TextTower", "clip_loss", "linear_probe", "retrieval_r1",
+           "load_tiny", "VISION_DIR", "LM_DIR"]
+
+VISION_DIR = "tiny/vision"
+LM_DIR = "tiny/lm"
+REPORT = "tiny/report.json"
+
+# The size of each build. "smoke" is for tests: seconds, not quality.
+SETTINGS: dict[str, dict[str, Any]] = {
+    "full": dict(corpus=30_000, vocab=2048, clip_images=24_000, clip_steps=900, clip_batch=96,
+                 lm_steps=1500, lm_batch=48, probe_train=1500, probe_test=500, blind_n=300, ppl_n=500),
+    "smoke": dict(corpus=600, vocab=400, clip_images=256, clip_steps=3, clip_batch=32,
+                  lm_steps=3, lm_batch=8, probe_train=64, probe_test=32, blind_n=8, ppl_n=16),
+}
+
+
+# ------------------------------------------------------------------------ text tower
+class TextTower(nn.Module):
+    """CLIP's text encoder, small: token + position embeddings, pre-norm blocks with a
+    padding mask, the mean of the valid tokens, a projection into the joint space."""
+
+    def __init__(self, vocab_size: int, dim: int = 128, layers: int = 2, heads: int = 4, max_len: int = 64,
+                 out_dim: int = 128):
+        super().__init__()
+        self.tok = nn.Embedding(vocab_size, dim)
+        self.pos = nn.Parameter(torch.randn(1, max_len, dim) * 0.02)
+        self.blocks = nn.ModuleList(
+            nn.ModuleDict({"n1": nn.LayerNorm(dim), "attn": mnn.Attention(dim, heads),
+                           "n2": nn.LayerNorm(dim), "mlp": mnn.MLP(dim, 4 * dim)})
+            for _ in range(layers)
+        )
+        self.norm = nn.LayerNorm(dim)
+        self.proj = nn.Linear(dim, out_dim, bias=False)
+
+    def forward(self, ids: Tensor, mask: Tensor) -> Tensor:
+        """ids, mask (B, T) -> text embeddings (B, out_dim)."""
+        x = self.tok(ids) + self.pos[:, : ids.shape[1]]  # (B, T, D)
+        attn_mask = mask[:, None, None, :].bool()  # (B, 1, 1, T): keys that are real tokens
+        for b in self.blocks:
+            x = x + b["attn"](b["n1"](x), mask=attn_mask)
+            x = x + b["mlp"](b["n2"](x))
+        x = self.norm(x)
+        m = mask.unsqueeze(-1).to(x.dtype)
+        return self.proj((x * m).sum(1) / m.sum(1).clamp(min=1))  # (B, out_dim)
+
+
+def clip_loss(img: Tensor, txt: Tensor, logit_scale: Tensor) -> Tensor:
+    """Symmetric InfoNCE: (B, E) image and text embeddings -> scalar.
+
+    logits[i, j] = s * cos(img_i, txt_j); the right caption of image i is j = i.
+    """
+    img = F.normalize(img, dim=-1)
+    txt = F.normalize(txt, dim=-1)
+    logits = logit_scale.exp().clamp(max=100) * img @ txt.t()  # (B, B)
+    target = torch.arange(len(img), device=img.device)
+    return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target))
+
+
+# -------------------------------------------------------------------------- metrics
+def linear_probe(train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tensor,
+                 steps: int = 300, lr: float = 0.05, weight_decay: float = 1e-4) -> float:
+    """Accuracy of a logistic-regression probe trained on frozen features."""
+    mean, std = train_x.mean(0), train_x.std(0) + 1e-6
+    tx, vx = (train_x - mean) / std, (test_x - mean) / std
+    n_cls = int(max(train_y.max(), test_y.max())) + 1
+    probe = nn.Linear(tx.shape[1], n_cls)
+    opt = torch.optim.AdamW(probe.parameters(), lr=lr, weight_decay=weight_decay)
+    with torch.enable_grad():  # callers may hold no_grad for the frozen features
+        for _ in range(steps):
+            opt.zero_grad()
+            F.cross_entropy(probe(tx), train_y).backward()
+            opt.step()
+    with torch.no_grad():
+        return float((probe(vx).argmax(-1) == test_y).float().mean())
+
+
+def retrieval_r1(img: Tensor, txt: Tensor) -> float:
+    """Image->text R@1: share of images whose own caption is the most similar."""
+    sim = F.normalize(img, dim=-1) @ F.normalize(txt, dim=-1).t()
+    return float((sim.argmax(-1) == torch.arange(len(img))).float().mean())
+
+
+# ---------------------------------------------------------------------------- helpers
+def _bar(total: int, desc: str, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, disable=not enabled, dynamic_ncols=True)
+
+
+def _cosine_lr(step: int, total: int, warmup: int) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+def _caption(rec: dict) -> str:
+    return rec["conversations"][-1]["value"]
+
+
+def _tokenize(tokenizer, texts: list[str], max_len: int) -> tuple[Tensor, Tensor]:
+    enc = tokenizer(texts, padding=True, truncation=True, max_length=max_len, return_tensors="pt",
+                    add_special_tokens=False)
+    return enc["input_ids"], enc["attention_mask"]
+
+
+def lm_corpus(world, split: str, n: int, start: int = 0) -> list[str]:
+    """Text the tiny LM learns from: plain descriptions and image-free chats.
+
+    Chats come from every ShapesWorld task with the ``<image>`` placeholders removed,
+    rendered with the ChatML template, so the LM knows the format and the answer
+    styles before any bridge exists (but not what any particular picture shows).
+    """
+    from mmkit.data.shapes import TASKS
+    from mmkit.eval import strip_images
+    from mmkit.language import to_chat_messages
+
+    texts = list(world.text_corpus(split, n // 2, start=start))
+    tasks = [t for t in TASKS if t != "interleaved"]
+    for i in range(n - len(texts)):
+        rec = strip_images(world.sample(split, start + i, task=tasks[i % len(tasks)]))
+        msgs = to_chat_messages(rec["conversations"])
+        texts.append("".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in msgs))
+    return texts
+
+
+# ------------------------------------------------------------------------------ build
+def build_tokenizer(world, s: dict):
+    from mmkit.language import build_tiny_tokenizer
+
+    return build_tiny_tokenizer(lm_corpus(world, "train", s["corpus"]), vocab_size=s["vocab"])
+
+
+def train_vision(world, tokenizer, s: dict, progress: bool = True) -> tuple[nn.Module, dict]:
+    """CLIP pre-training of TinyViT; returns the VisionEncoder and its report."""
+    from mmkit.data.shapes import ShapesConfig, ShapesWorld
+    from mmkit.vision import TinyViT, ViTConfig, VisionEncoder
+
+    torch.manual_seed(0)
+    vit = TinyViT(ViTConfig())
+    enc = VisionEncoder(vit)
+    text = TextTower(len(tokenizer), out_dim=128)
+    img_proj = nn.Linear(vit.config.hidden_size, 128, bias=False)
+    logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+    params = [*vit.parameters(), *text.parameters(), *img_proj.parameters(), logit_scale]
+    opt = torch.optim.AdamW(params, lr=2e-3, weight_decay=0.05, betas=(0.9, 0.98))
+
+    # A fixed pool of scenes rendered once: rendering is cheap, but not free.
+    N = s["clip_images"]
+    recs = [world.sample("train", i, task="caption") for i in range(N)]
+    pixels = enc.preprocess([r["image"] for r in recs])  # (N, 3, 64, 64)
+    ids, mask = _tokenize(tokenizer, [_caption(r) for r in recs], 64)
+
+    t0 = time.perf_counter()
+    bar = _bar(s["clip_steps"], "CLIP  (vision)", progress)
+    g = torch.Generator().manual_seed(0)
+    vit.train()
+    for step in range(s["clip_steps"]):
+        for group in opt.param_groups:
+            group["lr"] = 2e-3 * _cosine_lr(step, s["clip_steps"], max(1, s["clip_steps"] // 20))
+        idx = torch.randint(0, N, (s["clip_batch"],), generator=g)
+        img = img_proj(vit(pixels[idx]).pooled)  # (B, 128)
+        txt = text(ids[idx], mask[idx])  # (B, 128)
+        loss = clip_loss(img, txt, logit_scale)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+    bar.close()
+    train_s = time.perf_counter() - t0
+    vit.eval()
+
+    with torch.no_grad():
+        # Zero-shot retrieval: 100 test images against their 100 captions.
+        test = [world.sample("test", i, task="caption") for i in range(100)]
+        tids, tmask = _tokenize(tokenizer, [_caption(r) for r in test], 64)
+        tpix = enc.preprocess([r["image"] for r in test])
+        r1 = retrieval_r1(img_proj(vit(tpix).pooled), text(tids, tmask))
+
+        # Linear probes on the features a bridge reads (layer -2, mean over patches),
+        # one object per scene so colour and shape are well defined.
+        single = ShapesWorld(ShapesConfig(image_size=64, min_objects=1, max_objects=1, text_prob=0.0), seed=0)
+
+        def feats(split: str, n: int):
+            sc = [single.scene(split, i) for i in range(n)]
+            px = enc.preprocess([single.render(x) for x in sc])
+            f = torch.cat([enc.features(px[i:i + 256], layer=-2).mean(1) for i in range(0, n, 256)])
+            return f, [x.objects[0] for x in sc]
+
+        from mmkit.data.shapes import COLORS, SHAPES
+
+        colors, shapes = list(COLORS), list(SHAPES)
+        fx, fo = feats("train", s["probe_train"])
+        vx, vo = feats("test", s["probe_test"])
+        probe_color = linear_probe(fx, torch.tensor([colors.index(o.color) for o in fo]),
+                                   vx, torch.tensor([colors.index(o.color) for o in vo]))
+        probe_shape = linear_probe(fx, torch.tensor([shapes.index(o.shape) for o in fo]),
+                                   vx, torch.tensor([shapes.index(o.shape) for o in vo]))
+    report = {"retrieval_r1_100": round(r1, 4), "probe_color": round(probe_color, 4),
+              "probe_shape": round(probe_shape, 4), "train_seconds": round(train_s, 1),
+              "params": sum(p.numel() for p in vit.parameters()), "steps": s["clip_steps"]}
+    return enc, report
+
+
+def train_lm(world, tokenizer, s: dict, progress: bool = True) -> tuple[nn.Module, dict]:
+    """Causal-LM pre-training of the tiny Llama on ShapesWorld text."""
+    from transformers import LlamaForCausalLM
+
+    from mmkit.language import special_token_ids, tiny_lm_config
+
+    torch.manual_seed(0)
+    cfg = tiny_lm_config(len(tokenizer), **special_token_ids(tokenizer))
+    lm = LlamaForCausalLM(cfg)
+    texts = lm_corpus(world, "train", s["corpus"])
+    ids, mask = _tokenize(tokenizer, texts, 160)
+    opt = torch.optim.AdamW(lm.parameters(), lr=3e-3, weight_decay=0.01, betas=(0.9, 0.98))
+    g = torch.Generator().manual_seed(1)
+    t0 = time.perf_counter()
+    bar = _bar(s["lm_steps"], "LM    (text)  ", progress)
+    lm.train()
+    for step in range(s["lm_steps"]):
+        for group in opt.param_groups:
+            group["lr"] = 3e-3 * _cosine_lr(step, s["lm_steps"], max(1, s["lm_steps"] // 20))
+        idx = torch.randint(0, len(texts), (s["lm_batch"],), generator=g)
+        m = mask[idx]
+        T = int(m.sum(1).max())
+        x, m = ids[idx, :T], m[:, :T]
+        labels = x.masked_fill(m == 0, -100)
+        loss = lm(input_ids=x, attention_mask=m, labels=labels).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(lm.parameters(), 1.0)
+        opt.step()
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+    bar.close()
+    train_s = time.perf_counter() - t0
+    lm.eval()
+
+    # Held-out perplexity on validation text.
+    val = lm_corpus(world, "val", s["ppl_n"])
+    nll, ntok = 0.0, 0
+    with torch.no_grad():
+        for i in range(0, len(val), 64):
+            x, m = _tokenize(tokenizer, val[i:i + 64], 160)
+            labels = x.masked_fill(m == 0, -100)
+            n = int((labels[:, 1:] != -100).sum())
+            nll += float(lm(input_ids=x, attention_mask=m, labels=labels).loss) * n
+            ntok += n
+    report = {"val_perplexity": round(math.exp(nll / max(1, ntok)), 3), "train_seconds": round(train_s, 1),
+              "params": sum(p.numel() for p in lm.parameters()), "steps": s["lm_steps"]}
+    return lm, report
+
+
+def blind_accuracy(vision, lm, tokenizer, n: int) -> dict[str, Any]:
+    """How often the LM alone answers VQA right without seeing the image."""
+    from mmkit.bridges import build_bridge
+    from mmkit.eval import evaluate
+    from mmkit.vlm import VLM
+
+    model = VLM(vision, build_bridge("linear", vision.hidden_size, lm.config.hidden_size), lm, tokenizer)
+    res = evaluate(model, "vqa", split="test", n=n, blind=True)
+    return {"blind_vqa": round(res["accuracy"], 4), "blind_per_type": {k: round(v, 4) for k, v in res["per_type"].items()}}
+
+
+def build(out: str | Path | None = None, *, smoke: bool = False, only: str | None = None,
+          progress: bool = True) -> dict[str, Any]:
+    """Retrain the tiny tokenizer + ViT + LM from scratch and write them to ``out``.
+
+    Deterministic (fixed seeds, single process). ``out`` defaults to the shipped
+    ``assets/`` folder. Returns the quality report (also saved as report.json).
+    """
+    from mmkit.data.shapes import ShapesConfig, ShapesWorld
+    from mmkit.vision import load_vision_encoder
+
+    s = SETTINGS["smoke" if smoke else "full"]
+    root = Path(out) if out else assets_dir()
+    t0 = time.perf_counter()
+    torch.manual_seed(0)
+    world = ShapesWorld(ShapesConfig(image_size=64), seed=0)
+    tokenizer = build_tokenizer(world, s)
+    report: dict[str, Any] = {"smoke": smoke, "torch_threads": torch.get_num_threads()}
+    if only in (None, "vision"):
+        vision, report["vision"] = train_vision(world, tokenizer, s, progress)
+        vision.model.save_pretrained(root / VISION_DIR)
+    else:
+        vision = load_vision_encoder(str(root / VISION_DIR))
+    if only in (None, "lm"):
+        lm, report["lm"] = train_lm(world, tokenizer, s, progress)
+        (root / LM_DIR).mkdir(parents=True, exist_ok=True)
+        lm.save_pretrained(root / LM_DIR)
+        tokenizer.save_pretrained(root / LM_DIR)
+        report["lm"].update(blind_accuracy(vision, lm, tokenizer, s["blind_n"]))
+    report["total_seconds"] = round(time.perf_counter() - t0, 1)
+    path = root / REPORT
+    old = json.loads(path.read_text()) if (only and path.exists()) else {}
+    old.update(report)
+    path.write_text(json.dumps(old, indent=2) + "\n")
+    return old
+
+
+def info() -> dict[str, Any]:
+    """The shipped tiny models' report and sizes on disk."""
+    root = assets_dir()
+    path = root / REPORT
+    out: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {"missing": str(path)}
+    for d in (VISION_DIR, LM_DIR):
+        p = root / d
+        out[f"{d}_bytes"] = sum(f.stat().st_size for f in p.glob("*") if f.is_file()) if p.exists() else 0
+    return out
+
+
+def load_tiny():
+    """(vision encoder, lm, tokenizer) of the shipped tiny world."""
+    from mmkit.language import load_language_model
+    from mmkit.vision import load_vision_encoder
+
+    lm, tok = load_language_model("tiny")
+    return load_vision_encoder("tiny"), lm, tok

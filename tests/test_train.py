@@ -1,0 +1,131 @@
+"""The Trainer: stages freeze what they should, checkpoints resume exactly, two processes agree."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from mmkit.recipes import Recipe, Stage, apply_overrides, get_recipe
+from mmkit.train import (Callback, CheckpointError, StopTraining, Trainer, find_checkpoint,
+                         load_model, set_trainable)
+from mmkit.vlm import build_model
+
+
+def small_recipe(**kw) -> Recipe:
+    r = get_recipe("llava-tiny")
+    r = apply_overrides(r, ["stages.*.batch_size=4", "stages.0.steps=3", "stages.1.steps=4",
+                            "stages.*.warmup_steps=1", "log_every=1"])
+    for k, v in kw.items():
+        setattr(r, k, v)
+    return r
+
+
+def test_overrides_parse_and_validate():
+    r = apply_overrides(get_recipe("llava-tiny"), ["stages.1.steps=7", "bridge=linear", "lora={\"r\": 4}"])
+    assert r.stages[1].steps == 7 and r.bridge == "linear" and r.lora == {"r": 4}
+    with pytest.raises(ValueError, match="no field 'nope'"):
+        apply_overrides(r, ["nope=1"])
+    with pytest.raises(ValueError, match="unknown module group"):
+        Stage("x", train=["brige"])
+
+
+def test_stage_freezes_everything_else(tiny_assets):
+    model = build_model(small_recipe())
+    names = set_trainable(model, ["bridge"])
+    assert names and all(n.startswith("bridge.") for n in names)
+    assert not any(p.requires_grad for p in model.lm.parameters())
+
+
+class Interrupt(Callback):
+    def __init__(self, at: int):
+        self.at = at
+
+    def on_step_end(self, trainer, logs):
+        if logs["global_step"] == self.at:
+            raise StopTraining("simulated crash")
+
+
+def test_resume_gives_the_same_weights(tiny_assets, tmp_path):
+    recipe = small_recipe(save_every=2)
+    # uninterrupted
+    a = Trainer(build_model(recipe), recipe, tmp_path / "a", progress=False)
+    a.train()
+    # interrupted in stage 2 after its step-2 checkpoint (global step 3 + 3 = 6), then resumed
+    b = Trainer(build_model(recipe), recipe, tmp_path / "b", progress=False, callbacks=[Interrupt(6)])
+    with pytest.raises(StopTraining):
+        b.train()
+    state = torch.load(tmp_path / "b" / "checkpoint" / "trainer_state.pt", weights_only=False)
+    assert (state["stage"], state["step"]) == (1, 2)
+    c = Trainer(build_model(recipe), recipe, tmp_path / "b", progress=False)
+    c.train()
+    wa = load_file(str(tmp_path / "a" / "checkpoint" / "model.safetensors"))
+    wb = load_file(str(tmp_path / "b" / "checkpoint" / "model.safetensors"))
+    assert wa.keys() == wb.keys() and any(k.startswith("lm.") for k in wa)
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+    # the metrics log has each step once, in order
+    steps = [json.loads(l)["global_step"] for l in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 8))
+
+
+def test_checkpoint_loads_for_chat(tiny_assets, tmp_path):
+    recipe = small_recipe()
+    Trainer(build_model(recipe), recipe, tmp_path, progress=False).train()
+    model = load_model(tmp_path)
+    assert model.recipe.name == "llava-tiny"
+    assert isinstance(model.generate(None, "Hello", max_new_tokens=3)[0], str)
+    # only the trained groups were written
+    keys = load_file(str(tmp_path / "checkpoint" / "model.safetensors")).keys()
+    assert not any(k.startswith("vision.") for k in keys)
+
+
+def test_missing_or_incomplete_checkpoint_says_what_to_do(tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        find_checkpoint(tmp_path / "nope")
+    (tmp_path / "checkpoint").mkdir()
+    (tmp_path / "checkpoint" / "recipe.json").write_text("{}")
+    with pytest.raises(CheckpointError, match="incomplete"):
+        find_checkpoint(tmp_path)
+
+
+DIST_SCRIPT = r'''
+import sys, torch
+from safetensors.torch import save_file
+from mmkit.recipes import get_recipe, apply_overrides
+from mmkit.train import Trainer
+from mmkit.vlm import build_model
+out = sys.argv[1]
+r = apply_overrides(get_recipe("llava-tiny"), ["stages.*.batch_size=2", "stages.0.steps=2",
+                    "stages.1.steps=2", "stages.*.warmup_steps=1"])
+t = Trainer(build_model(r), r, out, progress=False)
+t.train()
+rank = t.accelerator.process_index
+save_file({k: v.clone().contiguous() for k, v in t.model.named_parameters() if k.startswith(("bridge.", "lm."))},
+          f"{out}/rank{rank}.safetensors")
+print("world", t.accelerator.num_processes)
+'''
+
+
+@pytest.mark.slow
+def test_two_processes_keep_identical_weights(tiny_assets, tmp_path):
+    script = tmp_path / "dist.py"
+    script.write_text(DIST_SCRIPT)
+    env = {**os.environ, "MMKIT_ASSETS": str(tiny_assets), "OMP_NUM_THREADS": "1"}
+    # torchrun sets RANK / WORLD_SIZE; accelerate's Accelerator(cpu=True) then uses the
+    # gloo backend: the same code path `accelerate launch --multi_gpu` takes on GPUs.
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--master_addr", "127.0.0.1", "--master_port", "29533", str(script), str(tmp_path / "out")]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
+    assert "world 2" in res.stdout
+    w0 = load_file(str(tmp_path / "out" / "rank0.safetensors"))
+    w1 = load_file(str(tmp_path / "out" / "rank1.safetensors"))
+    assert w0.keys() == w1.keys()
+    for k in w0:
+        assert torch.equal(w0[k], w1[k]), k
