@@ -39,6 +39,7 @@ from torch import Tensor, nn
 
 from mmkit import nn as mnn
 from mmkit.paths import assets_dir
+from mmkit.train import warmup_cosine
 
 __all__ = ["build", "info", "TextTower", "clip_loss", "linear_probe", "retrieval_r1",
            "load_tiny", "VISION_DIR", "LM_DIR"]
@@ -49,8 +50,8 @@ REPORT = "tiny/report.json"
 
 # The size of each build. "smoke" is for tests: seconds, not quality.
 SETTINGS: dict[str, dict[str, Any]] = {
-    "full": dict(corpus=30_000, vocab=2048, clip_images=24_000, clip_steps=900, clip_batch=96,
-                 lm_steps=1500, lm_batch=48, probe_train=1500, probe_test=500, blind_n=300, ppl_n=500),
+    "full": dict(corpus=20_000, vocab=2048, clip_images=16_000, clip_steps=700, clip_batch=96,
+                 lm_steps=600, lm_batch=32, probe_train=1500, probe_test=500, blind_n=300, ppl_n=500),
     "smoke": dict(corpus=600, vocab=400, clip_images=256, clip_steps=3, clip_batch=32,
                   lm_steps=3, lm_batch=8, probe_train=64, probe_test=32, blind_n=8, ppl_n=16),
 }
@@ -129,12 +130,6 @@ def _bar(total: int, desc: str, enabled: bool):
     return tqdm(total=total, desc=desc, disable=not enabled, dynamic_ncols=True)
 
 
-def _cosine_lr(step: int, total: int, warmup: int) -> float:
-    if step < warmup:
-        return (step + 1) / warmup
-    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
-
-
 def _caption(rec: dict) -> str:
     return rec["conversations"][-1]["value"]
 
@@ -196,9 +191,8 @@ def train_vision(world, tokenizer, s: dict, progress: bool = True) -> tuple[nn.M
     bar = _bar(s["clip_steps"], "CLIP  (vision)", progress)
     g = torch.Generator().manual_seed(0)
     vit.train()
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(max(1, s["clip_steps"] // 20), s["clip_steps"], 0.0))
     for step in range(s["clip_steps"]):
-        for group in opt.param_groups:
-            group["lr"] = 2e-3 * _cosine_lr(step, s["clip_steps"], max(1, s["clip_steps"] // 20))
         idx = torch.randint(0, N, (s["clip_batch"],), generator=g)
         img = img_proj(vit(pixels[idx]).pooled)  # (B, 128)
         txt = text(ids[idx], mask[idx])  # (B, 128)
@@ -207,6 +201,7 @@ def train_vision(world, tokenizer, s: dict, progress: bool = True) -> tuple[nn.M
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
+        sched.step()
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.3f}")
     bar.close()
@@ -261,9 +256,8 @@ def train_lm(world, tokenizer, s: dict, progress: bool = True) -> tuple[nn.Modul
     t0 = time.perf_counter()
     bar = _bar(s["lm_steps"], "LM    (text)  ", progress)
     lm.train()
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(max(1, s["lm_steps"] // 20), s["lm_steps"], 0.0))
     for step in range(s["lm_steps"]):
-        for group in opt.param_groups:
-            group["lr"] = 3e-3 * _cosine_lr(step, s["lm_steps"], max(1, s["lm_steps"] // 20))
         idx = torch.randint(0, len(texts), (s["lm_batch"],), generator=g)
         m = mask[idx]
         T = int(m.sum(1).max())
@@ -274,6 +268,7 @@ def train_lm(world, tokenizer, s: dict, progress: bool = True) -> tuple[nn.Modul
         loss.backward()
         torch.nn.utils.clip_grad_norm_(lm.parameters(), 1.0)
         opt.step()
+        sched.step()
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.3f}")
     bar.close()

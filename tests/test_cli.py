@@ -1,0 +1,51 @@
+"""The command line end to end on a few-step run: train, chat, eval --json, errors."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from mmkit.cli import main
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_assets, tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli_run")
+    rc = main(["train", "--recipe", "llava-tiny", "--out", str(out), "--quiet",
+               "--set", "stages.*.steps=2", "--set", "stages.*.batch_size=2"])
+    assert rc == 0
+    return out
+
+
+def test_chat_prints_an_answer(trained, tmp_path, capsys):
+    from mmkit.data.shapes import ShapesWorld
+
+    img = tmp_path / "scene.png"
+    ShapesWorld().sample("test", 0)["image"].save(img)
+    assert main(["chat", "--checkpoint", str(trained), "--image", str(img), "What colour is the circle?",
+                 "--max-new-tokens", "4"]) == 0
+    assert capsys.readouterr().out.strip() != ""
+
+
+def test_eval_json_last_line(trained, capsys):
+    assert main(["eval", "--checkpoint", str(trained), "--task", "vqa", "--n", "4", "--json"]) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    res = json.loads(last)
+    assert res["task"] == "vqa" and res["split"] == "test" and res["n"] == 4
+    assert 0.0 <= res["accuracy"] <= 1.0 and isinstance(res["per_type"], dict)
+
+
+def test_eval_pope_and_blind(trained, capsys):
+    assert main(["eval", "--checkpoint", str(trained), "--task", "pope", "--n", "4", "--json", "--blind"]) == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert res["blind"] is True
+    assert {"accuracy", "precision", "recall", "f1", "yes_ratio"} <= res.keys()
+
+
+def test_errors_are_one_clear_line(tmp_path, capsys):
+    assert main(["chat", "--checkpoint", str(tmp_path / "missing"), "hi"]) == 2
+    err = capsys.readouterr().err
+    assert "does not exist" in err and "mmkit train" in err
+    assert main(["train", "--recipe", "no-such-recipe"]) == 2
+    assert "known recipes" in capsys.readouterr().err
+    assert main(["train", "--recipe", "llava-tiny", "--set", "stages.0.nope=1"]) == 2
