@@ -84,18 +84,23 @@ def cmd_demo(args: argparse.Namespace) -> int:
     except CheckpointError:
         print(f"training llava-tiny into {out} (a few minutes on a laptop CPU) ...")
         argv = ["train", "--recipe", "llava-tiny", "--out", str(out)] + sum((["--set", s] for s in args.set), [])
-        main(argv)
+        if main(argv) != 0:
+            return 2
     model = load_model(out)
     world = ShapesWorld()
     scene_dir = out / "scenes"
     scene_dir.mkdir(exist_ok=True)
-    for i in range(2):
-        rec = world.sample("test", i, task="detail")
+    for i in range(3):
+        # The same index gives the same scene for every task: ask several questions about it.
+        first = world.sample("test", i, task="caption")
         path = scene_dir / f"scene{i}.png"
-        rec["image"].save(path)
-        print(f"\nimage: {path}   (truth: {rec['conversations'][-1]['value']})")
-        for q in ("Describe the image briefly.", "How many objects are there?", "What colour is the largest object?"):
-            print(f"  you: {q}\n  llava-tiny: {model.generate([rec['image']], q, max_new_tokens=40)[0]}")
+        first["image"].save(path)
+        print(f"\nimage: {path}")
+        for task in ("caption", "vqa", "pope"):
+            rec = first if task == "caption" else world.sample("test", i, task=task)
+            question = rec["conversations"][0]["value"].replace("<image>", "").strip()
+            answer = model.generate([rec["image"]], question, max_new_tokens=40)[0]
+            print(f"  you:        {question}\n  llava-tiny: {answer}\n  (truth:     {rec['conversations'][-1]['value']})")
     if sys.stdin.isatty() and not args.no_interactive:
         from mmkit.data.images import load_image
 

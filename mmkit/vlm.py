@@ -269,6 +269,7 @@ def build_model(recipe, *, pretrained: bool = True, device: str | torch.device |
         max_length=recipe.max_length,
         system_prompt=recipe.system_prompt,
     )
+    model.recipe = recipe  # evaluate() builds its ShapesWorld from it (image size, shapes config, seed)
     if recipe.gradient_checkpointing and hasattr(lm, "gradient_checkpointing_enable"):
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if device is not None:

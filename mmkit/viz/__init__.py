@@ -1,0 +1,14 @@
+"""Figures and tables for the notebooks (matplotlib; every function returns a Figure).
+
+See ``mmkit.viz.core`` for the list. Later lessons add their own views (attention on the
+image, gates over training) on top of the same generic pieces: ``plot_matrix`` draws any
+labelled matrix (a similarity, an attention map, an attention mask), ``plot_curves`` any
+family of lines, ``plot_bars`` any results.
+"""
+from mmkit.viz.core import (COLORS, MarkdownTable, md_table, plot_bars, plot_curves, plot_label_mask,
+                            plot_matrix, plot_similarity, plot_training, show_patch_grid, show_samples)
+
+__all__ = [
+    "show_samples", "show_patch_grid", "plot_matrix", "plot_similarity", "plot_label_mask",
+    "plot_training", "plot_bars", "plot_curves", "md_table", "MarkdownTable", "COLORS",
+]

@@ -1,0 +1,167 @@
+"""Every exercise check accepts its reference solution and rejects typical mistakes with a
+message that says what is wrong; an unsolved exercise prints instead of raising."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mmkit import exercises as ex
+
+
+def _run(capsys, name, fn, **kw):
+    ok = ex.check(name, fn, **kw)
+    return ok, capsys.readouterr().out
+
+
+def _not_done(*args):
+    raise NotImplementedError
+
+
+@pytest.fixture
+def tok(tiny_assets):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(tiny_assets / "tiny" / "lm"))
+
+
+def _kw(name, request):
+    return {"tokenizer": request.getfixturevalue("tok")} if name == "label_mask" else {}
+
+
+@pytest.mark.parametrize("name", list(ex.EXERCISES))
+def test_reference_passes_and_unsolved_prints(name, capsys, request):
+    kw = _kw(name, request)
+    ok, out = _run(capsys, name, ex._reference(name), **kw)
+    assert ok, out
+    assert out.startswith("✓ correct"), out
+    # an unsolved exercise: prints, never raises
+    ok, out = _run(capsys, name, _not_done, **kw)
+    assert not ok and "not written yet" in out and "solution(" in out
+    ok, out = _run(capsys, name, lambda *a: None, **kw)
+    assert not ok and "returned None" in out
+    ok, out = _run(capsys, name, lambda *a: 1 / 0, **kw)
+    assert not ok and "ZeroDivisionError" in out
+
+
+@pytest.mark.parametrize("name", list(ex.EXERCISES))
+def test_solution_prints_the_reference(name, capsys):
+    ex.solution(name)
+    out = capsys.readouterr().out
+    assert f"def {name}(" in out
+    with pytest.raises(KeyError, match="no exercise"):
+        ex.solution("nope")
+
+
+def test_count_image_tokens_mistakes(capsys):
+    ok, out = _run(capsys, "count_image_tokens", lambda s, p, cls=False: (s if isinstance(s, int) else s[0]) ** 2 // p ** 2 + 1)
+    assert not ok and "CLS token is not counted" in out
+    ok, out = _run(capsys, "count_image_tokens", lambda s, p, cls=False: (s if isinstance(s, int) else s[0]) // p + cls)
+    assert not ok and "one side of the grid" in out
+    ok, out = _run(capsys, "count_image_tokens", lambda s, p, cls=False: (s if isinstance(s, int) else s[0]) ** 2 / p ** 2 + cls)
+    assert not ok and "int" in out
+
+
+def test_vqa_accuracy_mistakes(capsys):
+    ok, out = _run(capsys, "vqa_accuracy", lambda P, A: sum(p == a for p, a in zip(P, A)) / max(1, len(A)))
+    assert not ok and "case and punctuation" in out
+    ok, out = _run(capsys, "vqa_accuracy", lambda P, A: 100.0 * sum(p == a for p, a in zip(P, A)) / max(1, len(A)))
+    assert not ok and "percentage" in out
+    ok, out = _run(capsys, "vqa_accuracy", lambda P, A: sum(p.strip().lower().strip(".") == a for p, a in zip(P, A)) / len(A))
+    assert not ok and ("articles" in out or "divide by zero" in out or "ZeroDivisionError" in out)
+
+
+def test_patchify_mistakes(capsys):
+    def col_major(x, p):
+        C, H, W = x.shape
+        return x.reshape(C, H // p, p, W // p, p).permute(3, 1, 0, 2, 4).reshape(-1, C * p * p)
+
+    def chan_last(x, p):
+        C, H, W = x.shape
+        return x.reshape(C, H // p, p, W // p, p).permute(1, 3, 2, 4, 0).reshape(-1, C * p * p)
+
+    ok, out = _run(capsys, "patchify", col_major)
+    assert not ok and "column by column" in out
+    ok, out = _run(capsys, "patchify", chan_last)
+    assert not ok and "(p, p, C)" in out
+    ok, out = _run(capsys, "patchify", lambda x, p: x.reshape(-1, 3 * p * p))
+    assert not ok and "patch" in out
+    ok, out = _run(capsys, "patchify", lambda x, p: x[:, :8, :8])
+    assert not ok and "expected shape (6, 192)" in out
+
+
+def test_clip_loss_mistakes(capsys):
+    def one_way(img, txt, s):
+        L = s.exp() * F.normalize(img, dim=-1) @ F.normalize(txt, dim=-1).t()
+        return F.cross_entropy(L, torch.arange(len(img)))
+
+    def unnormalised(img, txt, s):
+        L = s.exp() * img @ txt.t()
+        t = torch.arange(len(img))
+        return (F.cross_entropy(L, t) + F.cross_entropy(L.t(), t)) / 2
+
+    def no_exp(img, txt, s):
+        L = s * F.normalize(img, dim=-1) @ F.normalize(txt, dim=-1).t()
+        t = torch.arange(len(img))
+        return (F.cross_entropy(L, t) + F.cross_entropy(L.t(), t)) / 2
+
+    ok, out = _run(capsys, "clip_loss", one_way)
+    assert not ok and "only the image -> text" in out
+    ok, out = _run(capsys, "clip_loss", unnormalised)
+    assert not ok and "not L2-normalised" in out
+    ok, out = _run(capsys, "clip_loss", no_exp)
+    assert not ok and "logit_scale.exp()" in out
+    ok, out = _run(capsys, "clip_loss", lambda i, t, s: ex._reference("clip_loss")(i, t, s).item())
+    assert not ok and "return a tensor" in out
+
+
+def test_label_mask_mistakes(capsys, tok):
+    ref = ex._reference("label_mask")
+    ok, out = _run(capsys, "label_mask", lambda ids, t: list(ids), tokenizer=tok)
+    assert not ok and "should be -100 because it is not part of the assistant's answer" in out
+    end = tok.convert_tokens_to_ids("<|im_end|>")
+    ok, out = _run(capsys, "label_mask",
+                   lambda ids, t: [(-100 if i == end else l) for i, l in zip(ids, ref(ids, t))], tokenizer=tok)
+    assert not ok and "must learn to stop" in out
+
+    def shifted(ids, t):
+        lab = ref(ids, t)
+        return [(ids[k + 1] if lab[k] != -100 and k + 1 < len(ids) else lab[k]) for k in range(len(ids))]
+
+    ok, out = _run(capsys, "label_mask", shifted, tokenizer=tok)
+    assert not ok and "do not shift" in out
+    image = tok.convert_tokens_to_ids("<image>")
+    ok, out = _run(capsys, "label_mask",
+                   lambda ids, t: [(i if i == image else l) for i, l in zip(ids, ref(ids, t))], tokenizer=tok)
+    assert not ok and "image token" in out
+
+
+def test_merge_image_tokens_mistakes(capsys):
+    def per_row(ids, text, img, image_id):
+        out = text.clone()
+        flat = img.reshape(-1, img.shape[-1])
+        for b in range(ids.shape[0]):
+            pos = (ids[b] == image_id).nonzero().flatten()
+            out[b, pos] = flat[: len(pos)]  # restarts at image 0 in every row
+        return out
+
+    ok, out = _run(capsys, "merge_image_tokens", per_row)
+    assert not ok and "row by row" in out
+
+    def zero_text(ids, text, img, image_id):
+        out = torch.zeros_like(text)
+        out[ids == image_id] = img.reshape(-1, img.shape[-1])
+        return out
+
+    ok, out = _run(capsys, "merge_image_tokens", zero_text)
+    assert not ok and "text token" in out
+    ok, out = _run(capsys, "merge_image_tokens",
+                   lambda ids, text, img, i: torch.cat([text, img.reshape(1, -1, img.shape[-1]).expand(2, -1, -1)], 1))
+    assert not ok and "keeps its length" in out
+
+
+def test_registry():
+    names = {e.notebook: [] for e in ex.list_exercises()}
+    for e in ex.list_exercises():
+        names[e.notebook].append(e.name)
+    assert all(len(v) >= 2 for v in names.values()) and set(names) == {"00_tour", "01_vision_encoder", "02_llava"}

@@ -1,0 +1,93 @@
+"""Every figure helper returns a matplotlib Figure on tiny inputs, headless."""
+from __future__ import annotations
+
+import json
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+
+from mmkit import viz  # noqa: E402
+from mmkit.data.shapes import ShapesWorld  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def world():
+    return ShapesWorld()
+
+
+def test_show_samples(world):
+    recs = [world.sample("train", i, t) for i, t in enumerate(["vqa", "caption", "multi", "interleaved", "ground"])]
+    assert isinstance(viz.show_samples(recs, ncols=3), Figure)
+    fig = viz.show_samples(recs[:2], predictions=[recs[0]["conversations"][1]["value"], "nope"], title="t")
+    assert isinstance(fig, Figure)
+    with pytest.raises(ValueError):
+        viz.show_samples(recs[:2], predictions=["x"])
+
+
+def test_show_patch_grid(world):
+    img = world.sample("train", 0)["image"]
+    assert isinstance(viz.show_patch_grid(img, 8), Figure)
+    assert isinstance(viz.show_patch_grid(img, 16, size=128), Figure)
+    assert isinstance(viz.show_patch_grid(torch.randn(3, 32, 48), 8), Figure)  # normalised tensor
+
+
+def test_matrices(world):
+    m = np.random.rand(4, 5)
+    assert isinstance(viz.plot_matrix(m, list("abcd"), list("vwxyz"), "m", highlight=[(0, 0)]), Figure)
+    assert isinstance(viz.plot_matrix(torch.ones(3, 3, dtype=torch.bool).tril()), Figure)
+    ims = [world.sample("train", i)["image"] for i in range(3)]
+    assert isinstance(viz.plot_similarity(torch.randn(3, 3), ["a red circle.", "b", "c"], images=ims), Figure)
+    assert isinstance(viz.plot_similarity(np.eye(3), ["a", "b", "c"]), Figure)
+    with pytest.raises(ValueError):
+        viz.plot_matrix(np.zeros(3))
+
+
+class _Tok:
+    """Just enough tokenizer for plot_label_mask."""
+
+    vocab = {"<image>": 4, "<|pad|>": 3}
+    pad_token_id = 3
+
+    def convert_tokens_to_ids(self, t):
+        return self.vocab[t]
+
+    def decode(self, ids, **kw):
+        return {1: "<|im_start|>", 2: "<|im_end|>", 3: "<|pad|>", 4: "<image>", 10: "user", 11: "\n",
+                12: " red", 13: "assistant"}[ids[0]]
+
+
+def test_plot_label_mask():
+    from mmkit.data.processor import Encoded
+
+    ids = [1, 10, 11, 4, 4, 4, 11, 12, 2, 11, 1, 13, 11, 12, 2, 11]
+    labels = [-100] * 13 + [12, 2, 11]
+    assert isinstance(viz.plot_label_mask(_Tok(), Encoded(ids, labels), title="mask"), Figure)
+    batch = {"input_ids": torch.tensor([ids + [3, 3]]), "labels": torch.tensor([labels + [-100, -100]]),
+             "attention_mask": torch.tensor([[1] * 16 + [0, 0]])}
+    assert isinstance(viz.plot_label_mask(_Tok(), batch), Figure)
+    bad = list(labels)
+    bad[13] = 2  # a shifted label is drawn, not hidden
+    assert isinstance(viz.plot_label_mask(_Tok(), Encoded(ids, bad)), Figure)
+
+
+def test_curves_bars_training_table(tmp_path):
+    hist = [{"stage": "align", "global_step": 1, "loss": 3.0}, {"stage": "align", "global_step": 2, "loss": 2.5},
+            {"stage": "instruct", "global_step": 3, "loss": 2.0}]
+    assert isinstance(viz.plot_training(hist), Figure)
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(h) + "\n" for h in hist))
+    assert isinstance(viz.plot_training(tmp_path), Figure)
+    assert isinstance(viz.plot_training(tmp_path / "metrics.jsonl", logy=True), Figure)
+    assert isinstance(viz.plot_bars({"a": 0.5, "b": 0.7}, baseline=0.25), Figure)
+    assert isinstance(viz.plot_bars({"img": {"color": 0.9, "shape": 0.8}, "blind": {"color": 0.2}},
+                                    baseline={"color": 0.125}), Figure)
+    assert isinstance(viz.plot_curves({"color": {0: 0.5, 1: 0.9}, "shape": [0.3, 0.6]}, baseline=0.2), Figure)
+    assert isinstance(viz.plot_curves({"x": {"emb": 0.1, "L1": 0.2}}, baseline={"x": 0.1}), Figure)
+    t = viz.md_table([{"model": "llava", "acc": 0.5}, {"model": "blind", "acc": 0.25, "n": 3}])
+    assert t.startswith("| model | acc | n |") and "0.500" in t and t._repr_markdown_() == str(t)
+    assert "| r |" in viz.md_table({"r": {"a": 1}}, index="name")
