@@ -90,8 +90,8 @@ class MLPProjector(_PerPatch):
 class NormMLPProjector(_PerPatch):
     """Yi-VL: the LLaVA-1.5 MLP with a LayerNorm after each linear layer.
 
-    The norms keep the scale of the projected tokens close to the LM's own word
-    embeddings, which Yi-VL found steadier with a large LM.
+    The final LayerNorm fixes the scale of every image token by construction (normalised,
+    then a learned gain), whatever the scale of the vision features.
     """
 
     def __init__(self, vision_dim: int, lm_dim: int, bias: bool = True, eps: float = 1e-5):
