@@ -145,6 +145,17 @@ def _bar(total: int, desc: str, enabled: bool):
     return tqdm(total=total, desc=desc, disable=not enabled, dynamic_ncols=True)
 
 
+def _step(loss: Tensor, opt, sched, params: list, bar) -> None:
+    """One optimizer step with gradient clipping; advances the schedule and the bar."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    sched.step()
+    bar.update(1)
+    bar.set_postfix(loss=f"{loss.item():.3f}")
+
+
 def _caption(rec: dict) -> str:
     return rec["conversations"][-1]["value"]
 
@@ -211,14 +222,7 @@ def train_vision(world, tokenizer, s: dict, progress: bool = True) -> tuple[nn.M
         idx = torch.randint(0, N, (s["clip_batch"],), generator=g)
         img = img_proj(image_embedding(vit, pixels[idx]))  # (B, 128)
         txt = text(ids[idx], mask[idx])  # (B, 128)
-        loss = clip_loss(img, txt, logit_scale)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.3f}")
+        _step(clip_loss(img, txt, logit_scale), opt, sched, params, bar)
     bar.close()
     train_s = time.perf_counter() - t0
     vit.eval()
@@ -278,14 +282,7 @@ def train_lm(world, tokenizer, s: dict, progress: bool = True) -> tuple[nn.Modul
         T = int(m.sum(1).max())
         x, m = ids[idx, :T], m[:, :T]
         labels = x.masked_fill(m == 0, -100)
-        loss = lm(input_ids=x, attention_mask=m, labels=labels).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(lm.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.3f}")
+        _step(lm(input_ids=x, attention_mask=m, labels=labels).loss, opt, sched, list(lm.parameters()), bar)
     bar.close()
     train_s = time.perf_counter() - t0
     lm.eval()
