@@ -123,7 +123,7 @@ def set_trainable(model: nn.Module, groups: Sequence[str]) -> list[str]:
     return [n for n, p in model.named_parameters() if p.requires_grad]
 
 
-def _group_of(name: str, groups: dict[str, nn.Module], model: nn.Module) -> str:
+def _group_of(name: str, groups: dict[str, nn.Module]) -> str:
     if "lora_" in name:
         return "lora"
     for g in groups:
@@ -193,7 +193,6 @@ def find_checkpoint(path: str | Path) -> Path:
 
 def load_model(path: str | Path, *, device: str | torch.device | None = None):
     """Rebuild a trained model from its checkpoint folder (recipe + trained weights)."""
-    from mmkit.nn import load_state_dict_strict  # noqa: F401  (same error style below)
     from mmkit.vlm import build_model
 
     ckpt = find_checkpoint(path)
@@ -303,7 +302,7 @@ class Trainer:
         for n, p in self.model.named_parameters():
             if not p.requires_grad:
                 continue
-            g = _group_of(n, groups, self.model)
+            g = _group_of(n, groups)
             no_decay = p.ndim < 2  # biases, norms, gates
             buckets.setdefault((g, no_decay), []).append(p)
         param_groups = [
@@ -311,8 +310,7 @@ class Trainer:
              "weight_decay": 0.0 if nd else stage.weight_decay, "name": f"{g}{'/no_decay' if nd else ''}"}
             for (g, nd), ps in sorted(buckets.items())
         ]
-        use_fused = False
-        return torch.optim.AdamW(param_groups, betas=(0.9, 0.98), eps=1e-8, fused=use_fused)
+        return torch.optim.AdamW(param_groups, betas=(0.9, 0.98), eps=1e-8)
 
     def _log(self, logs: dict[str, Any]) -> None:
         self.history.append(logs)
@@ -355,8 +353,8 @@ class Trainer:
                 "scheduler": scheduler.state_dict() if scheduler is not None else None,
                 "rng": _rng_state(), "trained_names": sorted(self.trained_names),
             }
-            save_checkpoint(self.out_dir, self.accelerator.unwrap_model(self.model)
-                            if self.model is not None else self.model, self.recipe, self.trained_names, state)
+            save_checkpoint(self.out_dir, self.accelerator.unwrap_model(self.model), self.recipe,
+                            self.trained_names, state)
         self.accelerator.wait_for_everyone()
 
     # ------------------------------------------------------------------- train

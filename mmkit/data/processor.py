@@ -38,7 +38,7 @@ from mmkit.language import IMAGE_TOKEN, to_chat_messages
 
 IGNORE_INDEX = -100
 
-__all__ = ["IGNORE_INDEX", "Processor", "ProcessorError", "Encoded", "collate"]
+__all__ = ["IGNORE_INDEX", "Processor", "ProcessorError", "Encoded", "collate", "images_of"]
 
 
 class ProcessorError(ValueError):
@@ -58,7 +58,8 @@ class Encoded:
         return len(self.input_ids)
 
 
-def _images_of(record: dict) -> list:
+def images_of(record: dict) -> list:
+    """The images of a record, whether it has one ("image") or several ("images")."""
     if "images" in record and record["images"] is not None:
         return list(record["images"])
     if record.get("image") is not None:
@@ -144,7 +145,7 @@ class Processor:
         generation prompt, so the model continues as the assistant.
         """
         sid = str(record.get("id", "?"))
-        images = _images_of(record)
+        images = images_of(record)
         messages = self._messages(record)
         n_placeholders = sum(m["content"].count(IMAGE_TOKEN) for m in messages)
         if n_placeholders != len(images):

@@ -74,12 +74,6 @@ def _to_array(image: Any) -> np.ndarray:
     return a
 
 
-def _images_of(record: Mapping) -> list:
-    if record.get("images"):
-        return list(record["images"])
-    return [record["image"]] if record.get("image") is not None else []
-
-
 def _hstack(arrays: list[np.ndarray], gap: int = 3) -> np.ndarray:
     """Images side by side (resized to the first one's height), white gaps between."""
     if not arrays:
@@ -125,6 +119,8 @@ def show_samples(
     predictions: optional model answers, one per record, drawn in green when they match
         the reference answer (after ``normalize_answer``) and red when not.
     """
+    from mmkit.data.processor import images_of
+
     from mmkit.data.shapes import normalize_answer
 
     records = list(records)
@@ -143,7 +139,7 @@ def show_samples(
         ax.axis("off")
     for i, rec in enumerate(records):
         ax = axes.flat[i]
-        ims = [_to_array(im) for im in _images_of(rec)]
+        ims = [_to_array(im) for im in images_of(rec)]  # one record, one or several images
         ax.imshow(_hstack(ims), interpolation="nearest")
         conv = rec.get("conversations", [])
         q = next((t["value"] for t in conv if t.get("from", t.get("role")) in ("human", "user")), "")
