@@ -44,11 +44,17 @@ class Stage:
     max_grad_norm: float = 1.0
     data: str | None = None  # LLaVA-format JSON/JSONL file instead of ShapesWorld
     image_folder: str | None = None
+    # What the model's forward optimises: "lm" (next-token loss on the answers) or a
+    # family's own objective, passed as ``model(**batch, objective=...)`` (BLIP-2
+    # stage 1: "itc+itm+itg"; EVE: "lm+align").
+    objective: str = "lm"
 
     def __post_init__(self):
-        bad = [g for g in self.train if g not in GROUPS]
+        # Families add their own groups (Flamingo: "xattn"); the model checks the names
+        # against its module_groups() when the stage starts.
+        bad = [g for g in self.train if not isinstance(g, str) or not g]
         if bad:
-            raise ValueError(f"stage {self.name!r}: unknown module group(s) {bad}; use {list(GROUPS)}")
+            raise ValueError(f"stage {self.name!r}: module groups must be names like {list(GROUPS)}")
 
 
 @dataclass

@@ -401,16 +401,22 @@ class Trainer:
                 t0 = time.perf_counter()
                 for step in range(start_step, stage.steps):
                     loss_sum, n_tok = 0.0, 0
+                    parts: dict[str, float] = {}
                     for micro in range(stage.grad_accum):
                         records = data.batch(step, micro, acc.process_index, acc.num_processes)
                         batch = self.model.processor(records)
                         batch = {k: (v.to(acc.device) if torch.is_tensor(v) else v)
                                  for k, v in batch.items() if k != "ids"}
+                        if stage.objective != "lm":
+                            batch["objective"] = stage.objective
                         with acc.autocast():
                             out = model(**batch)
                         loss = out["loss"] / stage.grad_accum
                         acc.backward(loss)
                         loss_sum += float(out["loss"].detach())
+                        # a family's objective may report its parts, e.g. {"itc": .., "itm": ..}
+                        for k, v in (out.get("losses") or {}).items():
+                            parts[k] = parts.get(k, 0.0) + float(v) / stage.grad_accum
                         n_tok += int((batch["labels"] != -100).sum())
                     if stage.max_grad_norm:
                         acc.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
@@ -423,6 +429,7 @@ class Trainer:
                         "stage": stage.name, "step": step + 1, "global_step": global_step,
                         "loss": loss_sum / stage.grad_accum, "lr": scheduler.get_last_lr()[0],
                         "tokens": n_tok, "seconds": time.perf_counter() - t0,
+                        **{f"loss_{k}": v for k, v in parts.items()},
                     }
                     if (step + 1) % self.recipe.log_every == 0 or step + 1 == stage.steps:
                         self._log(logs)

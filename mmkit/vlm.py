@@ -30,7 +30,7 @@ from mmkit.bridges import Bridge
 from mmkit.data.processor import Processor
 from mmkit.language import IMAGE_TOKEN
 
-__all__ = ["VLM", "VLMOutput", "MergeError"]
+__all__ = ["VLM", "VLMOutput", "MergeError", "build_model", "register_family", "FAMILIES"]
 
 
 class MergeError(ValueError):
@@ -244,13 +244,51 @@ class VLM(nn.Module):
 
 
 # -------------------------------------------------------------------------- builder
+# recipe.family -> builder(recipe, pretrained) -> model. "prefix" (LLaVA, BLIP-2, Qwen-VL:
+# bridge tokens written into the LM's input) is built below; families whose image
+# features reach the LM another way (Flamingo's cross-attention, Fuyu's raw patches,
+# native models) register their own builder in their module.
+FAMILIES: dict[str, Any] = {}
+
+# family name -> module that registers it (imported on first use)
+_FAMILY_MODULES = {
+    "flamingo": "mmkit.bridges.flamingo",
+    "fuyu": "mmkit.encoder_free.fuyu",
+    "eve": "mmkit.encoder_free.eve",
+    "native": "mmkit.native.unified",
+}
+
+
+def register_family(name: str):
+    """Decorator: ``builder(recipe, pretrained=True) -> model`` for ``recipe.family == name``."""
+
+    def deco(fn):
+        FAMILIES[name] = fn
+        return fn
+
+    return deco
+
+
 def build_model(recipe, *, pretrained: bool = True, device: str | torch.device | None = None) -> "VLM":
     """Assemble the model a ``Recipe`` describes (base weights loaded, bridge fresh).
 
     The vision encoder and LM come from ``recipe.vision`` / ``recipe.lm`` (the shipped
     tiny ones by default, or hub names); the bridge is new. Trained weights are put
-    on top by ``mmkit.checkpoint.load_model``.
+    on top by ``mmkit.train.load_model``.
     """
+    if recipe.family != "prefix":
+        if recipe.family not in FAMILIES and recipe.family in _FAMILY_MODULES:
+            import importlib
+
+            importlib.import_module(_FAMILY_MODULES[recipe.family])
+        if recipe.family not in FAMILIES:
+            raise ValueError(f"unknown model family {recipe.family!r}; known: prefix, {', '.join(sorted(FAMILIES))}")
+        torch.manual_seed(recipe.seed)
+        model = FAMILIES[recipe.family](recipe, pretrained=pretrained)
+        model.recipe = recipe
+        if device is not None:
+            model.to(device)
+        return model
     from mmkit.bridges import build_bridge
     from mmkit.language import load_language_model
     from mmkit.vision import load_vision_encoder

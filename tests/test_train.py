@@ -31,8 +31,8 @@ def test_overrides_parse_and_validate():
     assert r.stages[1].steps == 7 and r.bridge == "linear" and r.lora == {"r": 4}
     with pytest.raises(ValueError, match="no field 'nope'"):
         apply_overrides(r, ["nope=1"])
-    with pytest.raises(ValueError, match="unknown module group"):
-        Stage("x", train=["brige"])
+    with pytest.raises(ValueError, match="module groups must be names"):
+        Stage("x", train=[""])
 
 
 def test_stage_freezes_everything_else(tiny_assets):
@@ -40,6 +40,8 @@ def test_stage_freezes_everything_else(tiny_assets):
     names = set_trainable(model, ["bridge"])
     assert names and all(n.startswith("bridge.") for n in names)
     assert not any(p.requires_grad for p in model.lm.parameters())
+    with pytest.raises(ValueError, match="unknown module group 'brige'"):  # a typo fails before any compute
+        set_trainable(model, ["brige"])
 
 
 class Interrupt(Callback):

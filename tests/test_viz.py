@@ -91,3 +91,21 @@ def test_curves_bars_training_table(tmp_path):
     t = viz.md_table([{"model": "llava", "acc": 0.5}, {"model": "blind", "acc": 0.25, "n": 3}])
     assert t.startswith("| model | acc | n |") and "0.500" in t and t._repr_markdown_() == str(t)
     assert "| r |" in viz.md_table({"r": {"a": 1}}, index="name")
+
+
+def test_heatmap_overlay_marks_the_hot_patch():
+    from PIL import Image
+
+    from mmkit.viz import heatmap_array, heatmap_image, show_heatmaps
+
+    img = Image.new("RGB", (64, 32), (128, 128, 128))
+    m = np.zeros((2, 4))
+    m[1, 3] = 1.0  # bottom-right patch
+    a = heatmap_array(img, m, alpha=1.0, cmap="gray")
+    assert a.shape == (32, 64, 3)
+    assert a[24, 56].mean() > 0.99 and a[4, 4].mean() < 0.01  # only that patch lights up
+    assert heatmap_image(img, m.reshape(-1), grid=(2, 4)).size[0] >= 256
+    with pytest.raises(ValueError, match="does not fill"):
+        heatmap_array(img, np.zeros(7), grid=(2, 4))
+    fig = show_heatmaps(img, {"a": m, "b": 1 - m})
+    assert len([ax for ax in fig.axes if ax.images]) == 2
