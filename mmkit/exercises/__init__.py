@@ -16,6 +16,10 @@ exercises still runs top to bottom (``pytest --nbmake``).
     from mmkit.exercises import check_patchify, solution
     check_patchify(patchify)        # ✗ ... / ✓ correct
     solution("patchify")            # prints the reference implementation
+
+This module holds the exercises of notebooks 00-02; each later notebook's exercises live
+in a module of this package (``mmkit/exercises/blip2.py``, ...) that calls
+``register(Exercise(...), solution_source)``; ``check`` / ``solution`` find them all.
 """
 from __future__ import annotations
 
@@ -25,7 +29,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 __all__ = [
-    "EXERCISES", "Exercise", "check", "solution", "list_exercises",
+    "EXERCISES", "Exercise", "check", "solution", "list_exercises", "register",
     "check_count_image_tokens", "check_vqa_accuracy", "check_patchify", "check_clip_loss",
     "check_label_mask", "check_merge_image_tokens",
 ]
@@ -547,7 +551,33 @@ EXERCISES: dict[str, Exercise] = {e.name: e for e in [
 ]}
 
 
+def register(exercise: Exercise, solution_source: str) -> Exercise:
+    """Add a notebook's exercise (used by the modules of this package)."""
+    if exercise.name in EXERCISES and EXERCISES[exercise.name].check is not exercise.check:
+        raise ValueError(f"two exercises are named {exercise.name!r}")
+    EXERCISES[exercise.name] = exercise
+    _SOLUTIONS[exercise.name] = solution_source
+    return exercise
+
+
+_LOADED = False
+
+
+def _load_all() -> None:
+    """Import every exercise module of this package (each registers its exercises)."""
+    global _LOADED
+    if _LOADED:
+        return
+    import importlib
+    import pkgutil
+
+    for mod in pkgutil.iter_modules(__path__):
+        importlib.import_module(f"{__name__}.{mod.name}")
+    _LOADED = True
+
+
 def _get(name: str) -> Exercise:
+    _load_all()
     if name not in EXERCISES:
         raise KeyError(f"no exercise {name!r}; there are: {', '.join(EXERCISES)}")
     return EXERCISES[name]
@@ -567,4 +597,5 @@ def solution(name: str) -> None:
 
 def list_exercises(notebook: str | None = None) -> list[Exercise]:
     """The exercises (of one notebook, e.g. "02_llava")."""
+    _load_all()
     return [e for e in EXERCISES.values() if notebook is None or e.notebook == notebook]
