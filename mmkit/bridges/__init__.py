@@ -5,6 +5,8 @@ and the Trainer never need to know which paper a bridge comes from:
 
     num_tokens(grid)          how many LM tokens one image becomes, for a (h, w) patch grid
     forward(features, grid)   (N, h*w, D_vision) -> (N, num_tokens, D_lm)
+    attention_maps(seen)      (optional) what each output token looked at, for the demo's
+                              "Inspect" panel and the notebooks
 
 Bridges mix in ``mmkit.nn.Inspectable``: they call ``self.record(...)`` where a teacher
 wants to look (attention maps, gates) and ``mmkit.nn.inspect(model)`` collects it.
@@ -28,6 +30,17 @@ class Bridge(nn.Module, Inspectable):
 
     def forward(self, features, grid):  # pragma: no cover - interface
         raise NotImplementedError
+
+    def attention_maps(self, seen: dict):
+        """Which patches each bridge output read, from what ``inspect()`` recorded.
+
+        ``seen`` is the dict an ``inspect(model)`` context collected during one forward.
+        Returns (N_img, T_img, h*w) weights (averaged over heads and layers; rows sum
+        to 1) for bridges that attend (Q-Former queries, resampler latents, adapter
+        queries), or None for bridges that map patch i to token i (LLaVA's projector):
+        there the LM's own attention to the image tokens is what to show.
+        """
+        return None
 
 
 BRIDGES: dict[str, type] = {}
