@@ -3,9 +3,11 @@
     mmkit train --recipe llava-tiny [--out DIR] [--set key=value ...]
     mmkit chat  --checkpoint DIR --image PATH "question"
     mmkit eval  --checkpoint DIR --task vqa|pope|ground|caption [--split test] [--n N] [--json] [--blind]
-    mmkit demo                       train the tiny LLaVA (once) and chat with it
+    mmkit demo [--checkpoint DIR ...] [--port N] [--share]   the chat demo in the browser
     mmkit zoo build [--out DIR]      retrain the tiny pre-trained ViT and LM from scratch
     mmkit bench shapes               ShapesWorld samples per second
+    mmkit bench memory [--target]    peak memory and s/iter: full / LoRA / QLoRA x sequence length
+    mmkit export --merge --checkpoint DIR --out OUT   LoRA folded into a plain LM
     mmkit recipes                    list the recipes
     mmkit env                        what torch sees (CUDA, bf16, bitsandbytes)
 
@@ -73,47 +75,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------------- demo
 def cmd_demo(args: argparse.Namespace) -> int:
-    """Train llava-tiny once (a few minutes on CPU), then answer questions about scenes."""
-    from mmkit.data.shapes import ShapesWorld
-    from mmkit.train import CheckpointError, find_checkpoint, load_model
+    """Launch the Gradio chat demo on 127.0.0.1 (no training on start; see mmkit/demo.py)."""
+    os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # before gradio is imported
+    from mmkit.demo import launch
 
-    out = Path(args.out)
-    try:
-        find_checkpoint(out)
-        print(f"using the model trained earlier in {out} (delete it to retrain)")
-    except CheckpointError:
-        print(f"training llava-tiny into {out} (a few minutes on a laptop CPU) ...")
-        argv = ["train", "--recipe", "llava-tiny", "--out", str(out)] + sum((["--set", s] for s in args.set), [])
-        if main(argv) != 0:
-            return 2
-    model = load_model(out)
-    world = ShapesWorld()
-    scene_dir = out / "scenes"
-    scene_dir.mkdir(exist_ok=True)
-    for i in range(3):
-        # The same index gives the same scene for every task: ask several questions about it.
-        first = world.sample("test", i, task="caption")
-        path = scene_dir / f"scene{i}.png"
-        first["image"].save(path)
-        print(f"\nimage: {path}")
-        for task in ("caption", "vqa", "pope"):
-            rec = first if task == "caption" else world.sample("test", i, task=task)
-            question = rec["conversations"][0]["value"].replace("<image>", "").strip()
-            answer = model.generate([rec["image"]], question, max_new_tokens=40)[0]
-            print(f"  you:        {question}\n  llava-tiny: {answer}\n  (truth:     {rec['conversations'][-1]['value']})")
-    if sys.stdin.isatty() and not args.no_interactive:
-        from mmkit.data.images import load_image
-
-        print("\nAsk your own questions: 'PATH | question' (empty line to quit).")
-        while True:
-            line = input("> ").strip()
-            if not line:
-                break
-            path, _, q = line.partition("|")
-            try:
-                print(model.generate([load_image(path.strip())], q.strip() or "Describe the image.")[0])
-            except Exception as e:  # keep the loop alive on a bad path / image
-                print(f"error: {e}")
+    launch(args.checkpoint, port=args.port, share=args.share)
     return 0
 
 
@@ -137,6 +103,35 @@ def cmd_bench(args: argparse.Namespace) -> int:
         res = benchmark(n=args.n, size=args.size, task=args.task)
         print(f"ShapesWorld: {res['samples_per_s']:.0f} samples/s at {args.size} px, task {args.task} (one core)")
         _print_json_last(res)
+    elif args.what == "memory":
+        from mmkit.bench import format_table, measure, memory_table
+
+        if args.target:  # the issue's target row: QLoRA stage 2 at 512 tokens, batch 4
+            rows = [measure("qlora", 512, size=args.model_size, batch=4, grad_accum=1, steps=args.steps)]
+        else:
+            rows = memory_table([m.strip() for m in args.methods.split(",")],
+                                [int(x) for x in args.seq.split(",")], size=args.model_size,
+                                batch=args.batch, grad_accum=args.grad_accum, steps=args.steps)
+        ok = next((r for r in rows if "error" not in r), {})
+        where = ok.get("gpu") or ok.get("device", "?")
+        print(f"\nfine-tuning cost, {args.model_size} size, batch {rows[0].get('batch', args.batch)}, "
+              f"grad-accum {rows[0].get('grad_accum', args.grad_accum)}, one image, on {where} "
+              f"({ok.get('memory', '')}):\n")
+        print(format_table(rows))
+        _print_json_last({"rows": rows})
+    return 0
+
+
+# -------------------------------------------------------------------------- export
+def cmd_export(args: argparse.Namespace) -> int:
+    from mmkit.train import export_merged
+
+    if not args.merge:
+        print("mmkit export: only --merge exists today (LoRA folded into a full-precision LM)", file=sys.stderr)
+        return 2
+    out = export_merged(args.checkpoint, args.out)
+    print(f"merged model written to {out} (the LM alone: {out / 'lm'}, a plain transformers model)")
+    print(f"chat with it:  mmkit chat --checkpoint {out} --image PATH \"What colour is the circle?\"")
     return 0
 
 
@@ -204,10 +199,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     e.set_defaults(fn=cmd_eval)
 
-    d = sub.add_parser("demo", help="train the tiny LLaVA once, then chat with it")
-    d.add_argument("--out", default="runs/llava-tiny")
-    d.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    d.add_argument("--no-interactive", action="store_true")
+    d = sub.add_parser("demo", help="chat with a trained model in the browser (Gradio, offline)")
+    d.add_argument("--checkpoint", action="append", default=[], metavar="DIR",
+                   help="a `mmkit train --out` folder to offer in the model picker (repeatable)")
+    d.add_argument("--port", type=int, default=None, help="port on 127.0.0.1 (default: 7860 or the next free one)")
+    d.add_argument("--share", action="store_true", help="also make a public gradio.live link (off by default)")
     d.set_defaults(fn=cmd_demo)
 
     z = sub.add_parser("zoo", help="the tiny pre-trained encoder and LM")
@@ -218,11 +214,26 @@ def build_parser() -> argparse.ArgumentParser:
     z.set_defaults(fn=cmd_zoo)
 
     b = sub.add_parser("bench", help="speed benchmarks that print their figures")
-    b.add_argument("what", choices=["shapes"])
-    b.add_argument("--n", type=int, default=2000)
-    b.add_argument("--size", type=int, default=64)
-    b.add_argument("--task", default="vqa")
+    b.add_argument("what", choices=["shapes", "memory"])
+    b.add_argument("--n", type=int, default=2000, help="shapes: samples")
+    b.add_argument("--size", type=int, default=64, help="shapes: image size")
+    b.add_argument("--task", default="vqa", help="shapes: task")
+    b.add_argument("--model-size", default="real", choices=["real", "tiny"],
+                   help="memory: SigLIP-B/16 + SmolLM2-360M-sized LM (real) or toy configs (tiny)")
+    b.add_argument("--methods", default="full,lora,qlora", help="memory: comma-separated")
+    b.add_argument("--seq", default="384,512,1024,2048", help="memory: sequence lengths, comma-separated")
+    b.add_argument("--batch", type=int, default=1)
+    b.add_argument("--grad-accum", type=int, default=8)
+    b.add_argument("--steps", type=int, default=3, help="memory: optimizer steps (the first is not timed)")
+    b.add_argument("--target", action="store_true",
+                   help="memory: only the target row (QLoRA, 512 tokens, batch 4, gradient checkpointing)")
     b.set_defaults(fn=cmd_bench)
+
+    x = sub.add_parser("export", help="write a merged (LoRA folded in, not quantised) model")
+    x.add_argument("--checkpoint", required=True)
+    x.add_argument("--out", required=True)
+    x.add_argument("--merge", action="store_true", help="fold the LoRA adapters into the LM weights")
+    x.set_defaults(fn=cmd_export)
 
     r = sub.add_parser("recipes", help="list the recipes")
     r.set_defaults(fn=cmd_recipes)

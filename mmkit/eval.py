@@ -8,7 +8,7 @@ scores the text it writes:
     pope     yes/no object probes (POPE, Li et al. 2023): accuracy, precision, recall,
              F1 and the yes-ratio (a model that says "yes" to everything has 1.0)
     ground   <ref>..</ref><box>(x1,y1),(x2,y2)</box> answers: Acc@IoU>=0.5, mean IoU,
-             and how many answers held no parsable box
+             how many answers held no well-formed box, and how many held a malformed one
     caption  objects recovered from the caption by ShapesWorld's parser against the
              scene: precision, recall, F1, and CHAIR_i (share of mentioned objects that
              are not in the picture: hallucination)
@@ -92,22 +92,23 @@ def _pope_metrics(records, preds) -> dict[str, Any]:
 
 
 def _ground_metrics(records, preds) -> dict[str, Any]:
-    from mmkit.data.shapes import box_iou, parse_boxes
+    from mmkit.data.shapes import box_iou, find_boxes, parse_boxes
 
-    ious, malformed = [], 0
+    # Model output is parsed leniently: the first well-formed box is scored, a malformed
+    # one (bad numbers, x1 >= x2, unclosed tag) is counted and reported, never raised.
+    ious, no_box, malformed = [], 0, 0
     for r, p in zip(records, preds):
         gt = parse_boxes(_answer(r))
-        try:
-            got = parse_boxes(p)
-        except ValueError:
-            got = []
+        got, bad = find_boxes(p)
+        malformed += bool(bad)
         if not got:
-            malformed += 1
+            no_box += 1
             ious.append(0.0)
             continue
         ious.append(box_iou(got[0][1], gt[0][1]))
     n = max(1, len(ious))
-    return {"acc_iou50": sum(i >= 0.5 for i in ious) / n, "mean_iou": sum(ious) / n, "no_box": malformed}
+    return {"acc_iou50": sum(i >= 0.5 for i in ious) / n, "mean_iou": sum(ious) / n, "no_box": no_box,
+            "malformed": malformed}
 
 
 def _caption_metrics(records, preds) -> dict[str, Any]:

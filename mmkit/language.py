@@ -91,6 +91,7 @@ __all__ = [
     "CONTROL_TOKENS", "STRUCTURAL_TOKENS", "SPECIAL_TOKENS", "CHATML_TEMPLATE",
     "build_tiny_tokenizer", "tiny_lm_config", "special_token_ids", "load_language_model",
     "add_special_tokens", "find_lora_targets", "apply_lora", "bnb_config",
+    "embedding_module_names", "embedding_training_for_new_tokens", "is_adapter_param",
     "compute_dtype_for_device", "to_chat_messages",
 ]
 
@@ -404,6 +405,52 @@ def _ensure_chat_ready(model, tokenizer, extra_tokens: Sequence[str]) -> list[st
     return added
 
 
+def is_adapter_param(name: str) -> bool:
+    """Is this parameter part of a peft adapter (LoRA A/B, a ``modules_to_save`` copy,
+    trainable token rows)? These are what the ``lora`` module group trains and what a
+    checkpoint saves the peft way (``adapter/``)."""
+    return "lora_" in name or ".modules_to_save." in name or "trainable_tokens_" in name
+
+
+def embedding_module_names(model: nn.Module) -> list[str]:
+    """Leaf names of the input embedding and the (untied or tied) output layer: the
+    names peft's ``modules_to_save`` takes (``["embed_tokens", "lm_head"]`` for Llama)."""
+    names = []
+    wanted = [model.get_input_embeddings(), model.get_output_embeddings()]
+    for full_name, module in model.named_modules():
+        if any(module is w for w in wanted if w is not None):
+            leaf = full_name.rsplit(".", 1)[-1]
+            if leaf not in names:
+                names.append(leaf)
+    return names
+
+
+def embedding_training_for_new_tokens(model: nn.Module, added: Sequence[str], lora: dict) -> dict:
+    """LoRA on a *base* model that just got ChatML tokens must also train the embeddings.
+
+    A chat model already knows ``<|im_start|>`` / ``<|im_end|>``; a base model gets them
+    new, with mean-initialised rows. The model has to *write* ``<|im_end|>`` to stop, and
+    LoRA on the attention / MLP projections cannot move an embedding row, so the input
+    embedding and the output layer are trained in full as well (peft ``modules_to_save``;
+    Qwen-VL's fine-tuning guide does the same for LoRA on its base model). Returns the
+    (possibly extended) lora dict and says so when it changes it.
+    """
+    if {"modules_to_save", "trainable_token_indices"} & set(lora) or IM_END not in added:
+        return lora
+    names = embedding_module_names(model)
+    n = sum(p.numel() for nm, p in model.named_parameters()
+            if nm.rsplit(".", 2)[-2] in names) if names else 0
+    warnings.warn(
+        f"new chat tokens {[t for t in added if t in (IM_START, IM_END)]} were added to a base model: "
+        f"LoRA alone cannot learn their embeddings, so {names} are trained in full too "
+        f"(peft modules_to_save, {n / 1e6:.1f}M extra trainable parameters). To avoid this, "
+        "start from the model's -Instruct / chat version, which already has a chat template.",
+        UserWarning, stacklevel=3)
+    tied = getattr(model.config, "tie_word_embeddings", False) and len(names) == 2
+    extra = {"ensure_weight_tying": True} if tied else {}
+    return {**lora, "modules_to_save": names, **extra}
+
+
 def find_lora_targets(model: nn.Module) -> list[str]:
     """The names of the linear projections LoRA should adapt, found by scanning modules.
 
@@ -426,7 +473,7 @@ def find_lora_targets(model: nn.Module) -> list[str]:
     return names
 
 
-def apply_lora(model, lora: dict, *, quantized: bool = False):
+def apply_lora(model, lora: dict, *, quantized: bool = False, gradient_checkpointing: bool = True):
     """Wrap ``model`` with peft LoRA adapters; only the adapters stay trainable.
 
     ``lora`` keys: ``r`` (rank, default 8), ``alpha`` (scale numerator, default 2*r; the
@@ -446,7 +493,9 @@ def apply_lora(model, lora: dict, *, quantized: bool = False):
     lora.setdefault("bias", "none")
     lora.setdefault("task_type", "CAUSAL_LM")
     if quantized:
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False})
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(targets), **lora)
     return get_peft_model(model, config)
 
@@ -460,6 +509,7 @@ def load_language_model(
     lora: dict | None = None,
     extra_tokens: Sequence[str] = (IMAGE_TOKEN, *STRUCTURAL_TOKENS),
     trust_remote_code: bool = False,
+    gradient_checkpointing: bool = True,
 ):
     """Load a causal LM and its tokenizer, ready for multimodal training.
 
@@ -473,6 +523,8 @@ def load_language_model(
         quantization: ``None``, ``"4bit"`` (NF4 + double quant, QLoRA) or ``"8bit"``.
         lora: ``None`` or a dict for ``apply_lora`` (r, alpha, dropout, target_modules, ...).
         extra_tokens: tokens to guarantee (default ``<image>`` and the structural ones).
+        gradient_checkpointing: with ``quantization``, let peft's k-bit preparation turn
+            it on (QLoRA's default; recompute activations in backward to save memory).
 
     Also: if the tokenizer has no chat template, ChatML is set (with a warning); a
     missing pad token becomes a new ``<|pad|>``; added tokens get mean-initialised
@@ -507,9 +559,11 @@ def load_language_model(
 
     added = _ensure_chat_ready(model, tokenizer, extra_tokens)
     tokenizer.mmkit_added_tokens = added
-    if added and lora is not None:
+    if lora is not None:
+        lora = embedding_training_for_new_tokens(model, added, lora)
+    if added and lora is not None and not ({"modules_to_save", "trainable_token_indices"} & set(lora)):
         visible = [t for t in added if t in STRUCTURAL_TOKENS]
-        if visible and not ({"modules_to_save", "trainable_token_indices"} & set(lora)):
+        if visible:
             warnings.warn(
                 f"added {visible} to the vocabulary; under LoRA their (mean-initialised) "
                 "embeddings stay frozen. If the answers use them (grounding with <ref>/<box>), "
@@ -517,5 +571,6 @@ def load_language_model(
                 "{'embed_tokens': ids}} or 'modules_to_save': ['embed_tokens', 'lm_head'].",
                 UserWarning, stacklevel=2)
     if lora is not None:
-        model = apply_lora(model, lora, quantized=quantization is not None)
+        model = apply_lora(model, lora, quantized=quantization is not None,
+                           gradient_checkpointing=gradient_checkpointing)
     return model, tokenizer

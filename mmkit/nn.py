@@ -126,8 +126,11 @@ class Attention(Inspectable, nn.Module):
         qkv_bias / out_bias: biases of the input projections / the output projection.
         dropout: dropout on the attention weights (training only).
 
-    ``forward(x, context=None, mask=None, return_weights=False, is_causal=False)``:
+    ``forward(x, context=None, mask=None, return_weights=False, is_causal=False, value=None)``:
         x: (B, Tq, D); context: (B, Tk, kv_dim) or None for self-attention.
+        value: (B, Tk, kv_dim) input of the value projection when it differs from the
+            keys' (Qwen-VL adds positions to the keys but not to the values); default
+            ``context``.
         mask: boolean, True = "may attend", or an additive float mask (0 / -inf);
             anything broadcastable to (B, H, Tq, Tk). A key-padding mask (B, Tk) must be
             given as ``mask[:, None, None, :]`` (a 2-D mask means (Tq, Tk), as in torch).
@@ -178,13 +181,15 @@ class Attention(Inspectable, nn.Module):
         mask: Tensor | None = None,
         return_weights: bool = False,
         is_causal: bool = False,
+        value: Tensor | None = None,
     ) -> Tensor | tuple[Tensor, Tensor]:
         context = x if context is None else context
+        value = context if value is None else value
         B, Tq, _ = x.shape
         Tk = context.shape[1]
         q = self._heads(self.q_proj(x))  # (B, H, Tq, hd)
         k = self._heads(self.k_proj(context))  # (B, H, Tk, hd)
-        v = self._heads(self.v_proj(context))  # (B, H, Tk, hd)
+        v = self._heads(self.v_proj(value))  # (B, H, Tk, hd)
 
         if is_causal:  # query i sees keys j <= i + (Tk - Tq)
             causal = torch.ones(Tq, Tk, dtype=torch.bool, device=x.device).tril(Tk - Tq)

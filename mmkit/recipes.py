@@ -42,8 +42,12 @@ class Stage:
     warmup_steps: int = 10
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
-    data: str | None = None  # LLaVA-format JSON/JSONL file instead of ShapesWorld
+    # Real data instead of ShapesWorld: a LLaVA-format .json/.jsonl file (+ image_folder),
+    # a saved `datasets` folder, or "hf:NAME"; data_options go to the loader
+    # (image_column, conversations_column, split, limit, ...).
+    data: str | None = None
     image_folder: str | None = None
+    data_options: dict[str, Any] = field(default_factory=dict)
     # What the model's forward optimises: "lm" (next-token loss on the answers) or a
     # family's own objective, passed as ``model(**batch, objective=...)`` (BLIP-2
     # stage 1: "itc+itm+itg"; EVE: "lm+align").
@@ -77,6 +81,7 @@ class Recipe:
     stages: list[Stage] = field(default_factory=list)
     lora: dict[str, Any] | None = None  # {"r": 8, "alpha": 16, "dropout": 0.05}
     quantization: str | None = None  # None | "4bit"
+    lm_dtype: str | None = None  # LM weight dtype, e.g. "bfloat16" (default: fp32 on CPU)
     mixed_precision: str = "auto"  # "auto" | "no" | "bf16" | "fp16"
     gradient_checkpointing: bool = False
     seed: int = 0
@@ -238,5 +243,184 @@ def llava_hf() -> Recipe:
             Stage("instruct", train=["bridge", "lora"], tasks=dict(INSTRUCT_MIX),
                   steps=2000, lr=2e-4, lr_groups={"bridge": 2e-5}, batch_size=4,
                   grad_accum=4, warmup_steps=60),
+        ],
+    )
+
+
+# Qwen-VL's multi-task mix, tiny: grounding and its reverse (region) next to the questions.
+QWENVL_MIX = {"vqa": 4.0, "ground": 3.0, "region": 1.0, "pope": 1.0, "caption": 1.0}
+
+
+@register_recipe("qwenvl-tiny")
+def qwenvl_tiny() -> Recipe:
+    """Qwen-VL on the tiny world: tiny CLIP ViT at 128 px + position-aware adapter + tiny Llama.
+
+    The encoder was trained at 64 px (8x8 patches); at 128 px it sees 16x16 patches (its
+    position table resized), and the adapter's 64 queries (an 8x8 grid, the encoder's
+    native one) compress the 256 patches to 64 tokens, like Qwen-VL's 256 queries over
+    a 448 px ViT (Qwen-VL Sec. 2.1). Images are wrapped in <img> </img>. Stage 1
+    (Qwen-VL's pre-training) trains the adapter alone on captions and boxes; stage 2
+    (multi-task) adds the LM on questions, grounding, region descriptions and captions.
+    docs/benchmarks.md has what it reaches.
+    """
+    return Recipe(
+        name="qwenvl-tiny",
+        bridge="qwen_vl",
+        bridge_kwargs={"num_queries": 64, "num_heads": 4},
+        image_size=128,
+        image_wrap=["<img>", "</img>"],
+        max_length=256,
+        stages=[
+            Stage("pretrain", train=["bridge"], tasks={"caption": 1.0, "ground": 1.0},
+                  steps=100, lr=2e-3, batch_size=32, warmup_steps=10),
+            Stage("multitask", train=["bridge", "lm"], tasks=dict(QWENVL_MIX),
+                  steps=800, lr=1e-3, lr_groups={"lm": 5e-4}, batch_size=16, warmup_steps=30),
+        ],
+    )
+
+
+# ---------------------------------------------------------------- BLIP-2 family
+# The tiny Q-Former: 4 BERT layers 128 wide (cross-attention in layers 0 and 2), 32 queries.
+QFORMER_TINY = {"num_query_tokens": 32, "embed_dim": 64, "hidden_size": 128, "num_hidden_layers": 4,
+                "num_attention_heads": 4, "intermediate_size": 512, "cross_attention_frequency": 2,
+                "max_position_embeddings": 64}
+# BERT-base sized, as in BLIP-2 (the Q-Former is trained from scratch on top of SigLIP here).
+QFORMER_BASE = {"num_query_tokens": 32, "embed_dim": 256, "hidden_size": 768, "num_hidden_layers": 12,
+                "num_attention_heads": 12, "intermediate_size": 3072, "cross_attention_frequency": 2,
+                "max_position_embeddings": 512}
+
+
+def _represent(steps: int, batch_size: int, lr: float, data: str | None = None) -> Stage:
+    """BLIP-2 stage 1 (Fig. 2): Q-Former only, no LM; ITC + ITM + ITG on captions."""
+    return Stage("represent", train=["qformer"], tasks={"caption": 1.0}, steps=steps, lr=lr,
+                 batch_size=batch_size, warmup_steps=max(1, steps // 20), weight_decay=0.05,
+                 objective="itc+itm+itg", data=data)
+
+
+@register_recipe("blip2-tiny")
+def blip2_tiny() -> Recipe:
+    """BLIP-2 on the tiny world: frozen tiny CLIP ViT -> Q-Former (32 queries) -> frozen tiny Llama.
+
+    Stage 1 ``represent`` learns the Q-Former with ITC/ITM/ITG; then the same schedule
+    as llava-tiny (``generate`` on captions, ``instruct`` on the VQA mix) trains the
+    Q-Former and its projection into the *frozen* LM (BLIP-2 never tunes the LLM).
+    """
+    return Recipe(
+        name="blip2-tiny", family="blip2", bridge="qformer", bridge_kwargs=dict(QFORMER_TINY),
+        stages=[
+            _represent(steps=600, batch_size=32, lr=1e-3),
+            Stage("generate", train=["bridge"], tasks={"caption": 1.0},
+                  steps=100, lr=1e-3, batch_size=32, warmup_steps=10),
+            Stage("instruct", train=["bridge"], tasks=dict(INSTRUCT_MIX),
+                  steps=800, lr=5e-4, batch_size=16, warmup_steps=30),
+        ],
+    )
+
+
+@register_recipe("instructblip-tiny")
+def instructblip_tiny() -> Recipe:
+    """InstructBLIP on the tiny world: blip2-tiny whose Q-Former also reads the question."""
+    r = blip2_tiny()
+    r.name, r.family = "instructblip-tiny", "instructblip"
+    return r
+
+
+@register_recipe("minigpt4-tiny")
+def minigpt4_tiny() -> Recipe:
+    """MiniGPT-4 on the tiny world: a frozen Q-Former + one trained linear layer into the LM.
+
+    Stage 1 stands in for the pre-trained BLIP-2 Q-Former MiniGPT-4 starts from; then only
+    ``language_projection`` learns: first on captions, then briefly on a small set of
+    detailed descriptions (MiniGPT-4's second stage: 3,500 curated pairs, 400 steps).
+    """
+    return Recipe(
+        name="minigpt4-tiny", family="blip2", bridge="qformer", bridge_kwargs=dict(QFORMER_TINY),
+        stages=[
+            _represent(steps=600, batch_size=32, lr=1e-3),
+            Stage("pretrain", train=["projection"], tasks={"caption": 1.0},
+                  steps=300, lr=2e-3, batch_size=32, warmup_steps=10),
+            Stage("finetune", train=["projection"], tasks={"detail": 1.0},
+                  steps=100, lr=5e-4, batch_size=8, warmup_steps=5),
+        ],
+    )
+
+
+def _hf_twin(tiny: Recipe, name: str) -> Recipe:
+    """The same schedule with real parts: SigLIP-B/16 + a BERT-base Q-Former + SmolLM2-360M
+    (frozen, 4-bit). Not run in CI (about 1 GB of weights)."""
+    r = copy.deepcopy(tiny)
+    r.name = name
+    r.vision, r.lm = "hf:google/siglip-base-patch16-224", "hf:HuggingFaceTB/SmolLM2-360M-Instruct"
+    r.image_size, r.max_length, r.quantization = 224, 512, "4bit"
+    r.bridge_kwargs = dict(QFORMER_BASE)
+    for s in r.stages:
+        s.steps, s.batch_size, s.grad_accum = s.steps * 5, 8, 4
+        s.lr = min(s.lr, 1e-4)
+    return r
+
+
+@register_recipe("blip2-hf")
+def blip2_hf() -> Recipe:
+    return _hf_twin(blip2_tiny(), "blip2-hf")
+
+
+@register_recipe("instructblip-hf")
+def instructblip_hf() -> Recipe:
+    return _hf_twin(instructblip_tiny(), "instructblip-hf")
+
+
+@register_recipe("minigpt4-hf")
+def minigpt4_hf() -> Recipe:
+    return _hf_twin(minigpt4_tiny(), "minigpt4-hf")
+
+
+# Flamingo's training data, tiny: single-image questions and captions next to interleaved
+# few-shot documents (image, text, image, text, ...), as Flamingo mixes M3W with pairs.
+FLAMINGO_MIX = {"vqa": 4.0, "caption": 1.0, "interleaved": 2.0}
+
+
+@register_recipe("flamingo-tiny")
+def flamingo_tiny() -> Recipe:
+    """Flamingo on the tiny world: tiny CLIP ViT + Perceiver Resampler (16 latents) + the
+    frozen tiny Llama with a GATED XATTN-DENSE block before each of its 4 layers.
+
+    One stage, as in Flamingo: the vision encoder and the LM stay frozen; the resampler and
+    the gated blocks learn (the tanh gates start at 0, so step 0 is the plain LM).
+    ``bridge_kwargs`` holds the resampler's and the blocks' settings (``gating="open"`` is
+    the ablation without gates). docs/benchmarks.md has what it reaches.
+    """
+    return Recipe(
+        name="flamingo-tiny",
+        family="flamingo",
+        bridge="perceiver",
+        bridge_kwargs={"num_latents": 16, "depth": 2, "num_heads": 4, "cross_every": 1, "gating": "tanh"},
+        stages=[
+            Stage("xattn", train=["bridge", "xattn"], tasks=dict(FLAMINGO_MIX),
+                  steps=600, lr=1e-3, batch_size=16, warmup_steps=20),
+        ],
+    )
+
+
+@register_recipe("flamingo-hf")
+def flamingo_hf() -> Recipe:
+    """Flamingo with real parts on one GPU: SigLIP-B/16 + Perceiver Resampler (64 latents) +
+    SmolLM2-360M-Instruct in 4 bit, a gated block before every 4th of its 32 layers (as
+    Flamingo-9B). The LM stays frozen (no LoRA): only the resampler and the gated blocks,
+    kept in full precision, learn. Not run in CI (about 1 GB of weights).
+    """
+    return Recipe(
+        name="flamingo-hf",
+        family="flamingo",
+        vision="hf:google/siglip-base-patch16-224",
+        lm="hf:HuggingFaceTB/SmolLM2-360M-Instruct",
+        bridge="perceiver",
+        bridge_kwargs={"num_latents": 64, "depth": 3, "num_heads": 12, "cross_every": 4, "gating": "tanh"},
+        image_size=224,
+        max_length=512,
+        quantization="4bit",
+        gradient_checkpointing=True,
+        stages=[
+            Stage("xattn", train=["bridge", "xattn"], tasks=dict(FLAMINGO_MIX),
+                  steps=3000, lr=1e-4, batch_size=8, grad_accum=2, warmup_steps=100),
         ],
     )

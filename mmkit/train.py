@@ -20,7 +20,8 @@ rank) * batch + i``. So resuming needs only the step, and a resumed run sees exa
 the samples the uninterrupted run would have seen.
 
 Checkpoints (``OUT/checkpoint/``) hold the recipe (JSON), only the trained weights
-(safetensors) and the trainer state (optimizer, scheduler, RNG, stage, step). They are
+(safetensors; LoRA adapters separately, the peft way, in ``adapter/``) and the trainer
+state (optimizer, scheduler, RNG, stage, step). They are
 written to a temporary folder and swapped in with renames, so a crash mid-write never
 leaves a half checkpoint: there is always a complete one (new or old).
 """
@@ -41,17 +42,19 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from mmkit.language import is_adapter_param
 from mmkit.recipes import Recipe, Stage
 
 __all__ = [
     "Trainer", "Callback", "TrainData", "save_checkpoint", "load_model", "find_checkpoint",
-    "CheckpointError", "trainable_state_dict", "set_trainable",
+    "CheckpointError", "trainable_state_dict", "set_trainable", "load_trained_weights", "export_merged",
 ]
 
 CKPT = "checkpoint"
 WEIGHTS = "model.safetensors"
 RECIPE = "recipe.json"
 STATE = "trainer_state.pt"
+ADAPTER = "adapter"  # peft LoRA adapter folder inside a checkpoint
 METRICS = "metrics.jsonl"
 STAGE_OFFSET = 10_000_000  # stage k reads ShapesWorld samples from k * STAGE_OFFSET on
 
@@ -74,9 +77,9 @@ class TrainData:
         self.seed = recipe.seed
         self.records: list[dict] | None = None
         if stage.data:
-            from mmkit.data.conversations import load_conversations
+            from mmkit.data.conversations import load_records
 
-            self.records = load_conversations(stage.data, stage.image_folder)
+            self.records = load_records(stage.data, stage.image_folder, **stage.data_options)
             if not self.records:
                 raise ValueError(f"{stage.data}: no usable records")
         else:
@@ -109,7 +112,7 @@ def set_trainable(model: nn.Module, groups: Sequence[str]) -> list[str]:
         if g == "lora":
             hits = 0
             for n, p in model.named_parameters():
-                if "lora_" in n:
+                if is_adapter_param(n):
                     p.requires_grad_(True)
                     hits += 1
             if not hits:
@@ -124,7 +127,7 @@ def set_trainable(model: nn.Module, groups: Sequence[str]) -> list[str]:
 
 
 def _group_of(name: str, groups: dict[str, nn.Module]) -> str:
-    if "lora_" in name:
+    if is_adapter_param(name):
         return "lora"
     for g in groups:
         if name.startswith(g + "."):
@@ -165,7 +168,16 @@ def save_checkpoint(
         shutil.rmtree(tmp)
     tmp.mkdir()
     (tmp / RECIPE).write_text(recipe.to_json())
-    save_file(trainable_state_dict(model, trained_names), str(tmp / WEIGHTS), metadata={"format": "pt"})
+    trained = trainable_state_dict(model, trained_names)
+    peft_model = _peft_model(model)
+    if peft_model is not None and any(is_adapter_param(n) for n in trained):
+        # LoRA adapters the peft way (adapter_config.json + adapter_model.safetensors):
+        # loadable by peft / transformers without mmkit. The mean-initialised rows of the
+        # tokens mmkit added are rebuilt identically at load time, so the (large)
+        # embedding matrices are not saved unless they were trained (modules_to_save).
+        peft_model.save_pretrained(str(tmp / ADAPTER), save_embedding_layers=False)
+        trained = {n: t for n, t in trained.items() if not is_adapter_param(n)}
+    save_file(trained, str(tmp / WEIGHTS), metadata={"format": "pt"})
     if state is not None:
         torch.save(state, tmp / STATE)
     _atomic_dir_swap(tmp, final)
@@ -191,13 +203,21 @@ def find_checkpoint(path: str | Path) -> Path:
                           "pass the --out folder of a `mmkit train` run")
 
 
-def load_model(path: str | Path, *, device: str | torch.device | None = None):
-    """Rebuild a trained model from its checkpoint folder (recipe + trained weights)."""
-    from mmkit.vlm import build_model
+def _peft_model(model: nn.Module):
+    """The peft ``PeftModel`` inside ``model`` (the LM under LoRA), or None."""
+    try:
+        from peft import PeftModel
+    except ImportError:  # pragma: no cover - peft is a dependency
+        return None
+    found = [m for m in model.modules() if isinstance(m, PeftModel)]
+    if len(found) > 1:
+        raise ValueError(f"the model holds {len(found)} peft models; mmkit checkpoints expect one (the LM)")
+    return found[0] if found else None
 
-    ckpt = find_checkpoint(path)
-    recipe = Recipe.from_json((ckpt / RECIPE).read_text())
-    model = build_model(recipe)
+
+def load_trained_weights(model: nn.Module, ckpt: str | Path) -> None:
+    """Put a checkpoint's trained tensors (and its peft adapter, if any) into ``model``."""
+    ckpt = Path(ckpt)
     trained = load_file(str(ckpt / WEIGHTS))
     own = model.state_dict()
     unexpected = sorted(k for k in trained if k not in own)
@@ -208,11 +228,97 @@ def load_model(path: str | Path, *, device: str | torch.device | None = None):
             f"{unexpected[:5]}, wrong shape {wrong[:5]}; was the recipe edited after training?"
         )
     model.load_state_dict(trained, strict=False)  # only the trained tensors; the rest is the base
+    adapter = ckpt / ADAPTER
+    if adapter.is_dir():
+        peft_model = _peft_model(model)
+        if peft_model is None:
+            raise CheckpointError(f"{adapter} holds LoRA adapters but the recipe builds a model without "
+                                  "LoRA; was recipe.lora removed after training?")
+        weights = adapter / "adapter_model.safetensors"
+        if not weights.is_file():
+            raise CheckpointError(f"{adapter} is incomplete: adapter_model.safetensors is missing; "
+                                  "retrain or resume with `mmkit train --out` on the same folder")
+        from peft import set_peft_model_state_dict
+
+        res = set_peft_model_state_dict(peft_model, load_file(str(weights)))
+        bad = list(getattr(res, "unexpected_keys", []) or [])
+        if bad:
+            raise CheckpointError(f"{weights} does not fit the model's LoRA adapters (unexpected {bad[:5]}); "
+                                  "were the LoRA settings (r, target modules) changed after training?")
+
+
+def load_model(path: str | Path, *, device: str | torch.device | None = None,
+               recipe_overrides: dict[str, Any] | None = None):
+    """Rebuild a trained model from its checkpoint folder (recipe + trained weights + adapter).
+
+    ``recipe_overrides`` changes recipe fields before the model is built, e.g.
+    ``{"quantization": None}`` to put the adapters on a full-precision base (export).
+    """
+    from mmkit.vlm import build_model
+
+    ckpt = find_checkpoint(path)
+    recipe = Recipe.from_json((ckpt / RECIPE).read_text())
+    # Relative model folders in a recipe (an export's "lm") live inside the checkpoint.
+    for field_name in ("lm", "vision"):
+        value = getattr(recipe, field_name)
+        if isinstance(value, str) and not Path(value).is_absolute() and (ckpt / value).is_dir():
+            setattr(recipe, field_name, str(ckpt / value))
+    for k, v in (recipe_overrides or {}).items():
+        if not hasattr(recipe, k):
+            raise ValueError(f"recipe has no field {k!r}")
+        setattr(recipe, k, v)
+    model = build_model(recipe)
+    load_trained_weights(model, ckpt)
     model.recipe = recipe
     model.eval()
     if device is not None:
         model.to(device)
     return model
+
+
+def export_merged(path: str | Path, out: str | Path) -> Path:
+    """Write a checkpoint whose LM has the LoRA adapters merged in, not quantised.
+
+    QLoRA trains adapters on a 4-bit base; for inference elsewhere you want one plain
+    model. The adapters are put on the full-precision base (the same weights before
+    quantisation), ``W' = W + (alpha / r) * B @ A`` is folded in (peft
+    ``merge_and_unload``), and the result is saved as an ordinary transformers model in
+    ``out/lm`` (loadable with ``AutoModelForCausalLM.from_pretrained(out / "lm")``), next
+    to ``recipe.json`` (lm="lm", no LoRA, no quantisation) and the other trained weights
+    (bridge, ...) in ``model.safetensors``. ``out`` is itself a checkpoint folder for
+    ``mmkit chat`` / ``eval`` / ``demo``. Written to a temporary folder, then renamed.
+    """
+    ckpt = find_checkpoint(path)
+    model = load_model(ckpt, recipe_overrides={"quantization": None})
+    recipe = model.recipe
+    peft_model = _peft_model(model)
+    if peft_model is None:
+        raise ValueError(f"{ckpt} has no LoRA adapters to merge (recipe.lora is None); "
+                         "its checkpoint already works as it is")
+    # find where the peft model sits, and put the merged plain model there
+    parent_name = next(n for n, m in model.named_modules() if m is peft_model)
+    merged = peft_model.merge_and_unload()
+    owner = model.get_submodule(parent_name.rsplit(".", 1)[0]) if "." in parent_name else model
+    setattr(owner, parent_name.rsplit(".", 1)[-1], merged)
+
+    out = Path(out)
+    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    merged.save_pretrained(str(tmp / "lm"))
+    model.tokenizer.save_pretrained(str(tmp / "lm"))
+    kept = {n for n in load_file(str(ckpt / WEIGHTS)) if not n.startswith(parent_name + ".")}
+    save_file(trainable_state_dict(model, kept), str(tmp / WEIGHTS), metadata={"format": "pt"})
+    recipe = Recipe.from_dict({**recipe.to_dict(), "lm": "lm", "lora": None, "quantization": None})
+    recipe.stages = [Stage(**{**asdict_stage, "train": [g for g in asdict_stage["train"] if g != "lora"]})
+                     for asdict_stage in (st.__dict__ for st in recipe.stages)]
+    (tmp / RECIPE).write_text(recipe.to_json())
+    if out.exists():
+        _atomic_dir_swap(tmp, out)
+    else:
+        os.replace(tmp, out)
+    return out
 
 
 # ------------------------------------------------------------------------- schedule
@@ -332,8 +438,7 @@ class Trainer:
                 f"{self.out_dir} holds a checkpoint of a different recipe ({saved.name}); "
                 "use another --out folder or delete it"
             )
-        weights = load_file(str(ckpt / WEIGHTS))
-        self.model.load_state_dict(weights, strict=False)
+        load_trained_weights(self.model, ckpt)
         state = torch.load(ckpt / STATE, weights_only=False)
         self.trained_names = set(state["trained_names"])
         # keep metrics up to the checkpoint only (a crash may have logged past it)

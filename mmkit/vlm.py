@@ -179,7 +179,7 @@ class VLM(nn.Module):
         images = list(images or [])
         if isinstance(messages, str):
             text = messages
-            if images and IMAGE_TOKEN not in text:
+            if images and IMAGE_TOKEN not in text and "<img>" not in text:  # <img></img>: Qwen-VL inline, see processor
                 text = "\n".join([IMAGE_TOKEN] * len(images)) + "\n" + text
             conv = [{"from": "human", "value": text}]
         else:
@@ -242,6 +242,140 @@ class VLM(nn.Module):
         """Names a training stage uses to say what is trained and what is frozen."""
         return {"vision": self.vision, "bridge": self.bridge, "lm": self.lm}
 
+    # ----------------------------------------------------------------- inspect
+    @torch.no_grad()
+    def explain(self, images: Sequence, messages: str | list[dict], answer: str) -> dict[str, Any]:
+        """What the model looked at while it wrote ``answer``: the demo's "Inspect" panel.
+
+        One teacher-forced pass over prompt + answer, inside ``mmkit.nn.inspect``:
+
+        * a bridge that attends (Q-Former queries, resampler latents, adapter queries)
+          returns ``bridge.attention_maps(seen)`` (N_img, T_img, h*w): the maps are the
+          mean over its outputs plus the most focused individual outputs;
+        * a bridge that maps patch i to token i (LLaVA's projector) has no attention of
+          its own, so the maps are the LM's attention *from the positions that predict
+          the answer tokens* to each image's token positions, averaged over heads and
+          then over all layers ("all layers") or taken from the last layer alone. The
+          LM runs with eager attention for this one pass (SDPA does not return
+          weights); its previous implementation is restored afterwards.
+
+        Returns a dict (families that override ``explain`` keep this format):
+
+            image_tokens  [int]  LM tokens each image cost (wrap tokens included)
+            grid          (h, w) the vision encoder's patch grid
+            maps          [{label: (h', w') float array}] per image; each sums to 1.
+                          (h', w') == grid when every patch has its own token; a
+                          bridge that merges s x s patches into one token gives
+                          (h/s, w/s). Empty when the tokens cannot be put on a grid.
+            views         [PIL.Image] each image as the model framed it (letterboxed in
+                          "pad" mode) at its own resolution: draw the maps over these
+                          and the heat lands on the right pixels
+            gates         {name: value} for recorded scalar gates (Flamingo's
+                          tanh(alpha)), or None
+            image_share   [float] share of the answer's attention that went to each
+                          image's tokens (LM-attention case only, else None)
+            source        one line: what the maps show
+        """
+        from mmkit.data.images import load_image
+        from mmkit.data.processor import IGNORE_INDEX
+        from mmkit.nn import inspect
+        from mmkit.vision import _letterbox
+
+        record = self.prompt_record(images, messages)
+        record["conversations"].append({"from": "gpt", "value": answer})
+        batch = self.processor([record])  # right padding, labels on the assistant turns
+        device = next(self.lm.parameters()).device
+        ids = batch["input_ids"].to(device)  # (1, T)
+        mask = batch["attention_mask"].to(device)
+        pv = batch["pixel_values"]
+        if not isinstance(pv, Tensor):
+            raise ValueError("explain needs at least one image (maps are drawn over the image)")
+        pv = pv.to(device=device, dtype=next(self.vision.parameters()).dtype)
+        n_img = pv.shape[0]
+        grid = tuple(self.image_grid(pv))
+        image_tokens = [len(self.processor.expand(p)) for p in pv.cpu()]
+
+        # The query rows: positions whose next-token prediction is a token of the last
+        # answer (the last run of labelled tokens; earlier turns' answers are context).
+        labelled = (batch["labels"][0] != IGNORE_INDEX).long()  # (T,)
+        starts = (labelled.diff(prepend=labelled.new_zeros(1)) == 1).nonzero().flatten()
+        predicts = torch.zeros_like(labelled, dtype=torch.bool)
+        if starts.numel():
+            last = labelled.clone()
+            last[: int(starts[-1])] = 0
+            predicts[:-1] = last[1:].bool()  # (T,)
+
+        was_training = self.training
+        self.eval()
+        base = self.lm.get_base_model() if hasattr(self.lm, "get_base_model") else self.lm
+        old_impl = base.config._attn_implementation
+        try:
+            with inspect(self) as seen:
+                embeds = self.embed(ids, pv)  # (1, T, D); the bridge records its attention here
+                bridge_maps = self.bridge.attention_maps(seen)
+                want_lm = bridge_maps is None
+                if want_lm and old_impl != "eager":
+                    base.set_attn_implementation("eager")
+                out = self.lm(inputs_embeds=embeds, attention_mask=mask, output_attentions=want_lm)
+        finally:
+            if base.config._attn_implementation != old_impl:
+                base.set_attn_implementation(old_impl)
+            self.train(was_training)
+
+        def on_grid(flat: Tensor) -> Any:  # (T_img,) -> (h', w') numpy, sums to 1
+            t, (h, w) = flat.numel(), grid
+            if t == h * w:
+                g = (h, w)
+            else:  # s x s patches merged per token (pixel shuffle); else no grid
+                s = round((h * w / t) ** 0.5) if t else 0
+                if not s or h % s or w % s or (h // s) * (w // s) != t:
+                    return None
+                g = (h // s, w // s)
+            m = flat.float().clamp_min(0).reshape(g)
+            return (m / m.sum().clamp_min(1e-12)).cpu().numpy()
+
+        maps: list[dict] = [{} for _ in range(n_img)]
+        share = None
+        if bridge_maps is not None:  # (N_img, T_img, h*w)
+            bm = bridge_maps.float()
+            source = (f"what the bridge's {bm.shape[1]} outputs attend to over the {grid[0]}x{grid[1]} "
+                      "patch grid (mean over outputs, and the most focused outputs)")
+            for i in range(n_img):
+                maps[i]["mean over outputs"] = on_grid(bm[i].mean(0))
+                for q in bm[i].amax(-1).topk(min(3, bm.shape[1])).indices.tolist():
+                    maps[i][f"output {q}"] = on_grid(bm[i, q])
+        else:
+            att = out.attentions  # L x (1, H, T, T)
+            if not att:
+                raise RuntimeError("the language model returned no attention weights even with eager attention")
+            is_img = (ids[0] == self.image_token_id).nonzero().flatten().cpu()  # (N_img*T_img,)
+            per = is_img.numel() // n_img
+            rows = predicts.nonzero().flatten()
+            # (L, |rows|, T): mean over heads, answer-predicting rows only
+            a = torch.stack([x[0].float().mean(0)[rows.to(x.device)].cpu() for x in att])
+            share = []
+            for i in range(n_img):
+                cols = is_img[i * per:(i + 1) * per]
+                per_layer = a[:, :, cols].mean(1)  # (L, T_img)
+                share.append(float(a[:, :, cols].sum(-1).mean()))
+                maps[i]["all layers"] = on_grid(per_layer.mean(0))
+                maps[i]["last layer"] = on_grid(per_layer[-1])
+            source = (f"the LM's attention from the {int(rows.numel())} positions that wrote the answer to "
+                      f"each image's {per} tokens, mean over heads (all {len(att)} layers, and the last)")
+        maps = [{k: v for k, v in m.items() if v is not None} for m in maps]
+
+        gates = {k: float(v) for k, v in seen.items()
+                 if "gate" in k.lower() and isinstance(v, Tensor) and v.numel() == 1} or None
+
+        fill = tuple(int(round(c * 255)) for c in getattr(self.vision, "image_mean", (0.5, 0.5, 0.5)))
+        H, W = self.image_size
+        views = []
+        for im in record["images"]:
+            im = load_image(im)  # the processor's own loading: transparency on white
+            views.append(_letterbox(im, W / H, fill) if self.image_mode == "pad" else im)
+        return {"image_tokens": image_tokens, "grid": grid, "maps": maps, "views": views,
+                "gates": gates, "image_share": share, "source": source}
+
 
 # -------------------------------------------------------------------------- builder
 # recipe.family -> builder(recipe, pretrained) -> model. "prefix" (LLaVA, BLIP-2, Qwen-VL:
@@ -252,6 +386,8 @@ FAMILIES: dict[str, Any] = {}
 
 # family name -> module that registers it (imported on first use)
 _FAMILY_MODULES = {
+    "blip2": "mmkit.bridges.blip2",
+    "instructblip": "mmkit.bridges.blip2",
     "flamingo": "mmkit.bridges.flamingo",
     "fuyu": "mmkit.encoder_free.fuyu",
     "eve": "mmkit.encoder_free.eve",
@@ -295,7 +431,9 @@ def build_model(recipe, *, pretrained: bool = True, device: str | torch.device |
 
     torch.manual_seed(recipe.seed)
     vision = load_vision_encoder(recipe.vision, pretrained=pretrained)
-    lm, tokenizer = load_language_model(recipe.lm, quantization=recipe.quantization, lora=recipe.lora)
+    lm, tokenizer = load_language_model(recipe.lm, quantization=recipe.quantization, lora=recipe.lora,
+                                        dtype=recipe.lm_dtype,
+                                        gradient_checkpointing=recipe.gradient_checkpointing)
     bridge = build_bridge(recipe.bridge, vision.hidden_size, lm.config.get_text_config().hidden_size,
                           **recipe.bridge_kwargs)
     model = VLM(

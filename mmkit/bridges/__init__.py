@@ -58,7 +58,7 @@ def register_bridge(name: str):
 
 def build_bridge(name: str, vision_dim: int, lm_dim: int, **kwargs) -> Bridge:
     # Importing the family modules fills the registry.
-    from mmkit.bridges import llava  # noqa: F401
+    from mmkit.bridges import blip2, flamingo, llava, pixel_shuffle, qwen_vl  # noqa: F401
 
     if name not in BRIDGES:
         raise ValueError(f"unknown bridge {name!r}; known bridges: {', '.join(sorted(BRIDGES))}")

@@ -59,6 +59,7 @@ __all__ = [
     "IMAGE_PLACEHOLDER",
     "ROLE_ALIASES",
     "load_conversations",
+    "load_records",
     "validate_record",
     "load_hf_dataset",
     "convert_inline_images",
@@ -532,6 +533,32 @@ def load_hf_dataset(
                 raise
             errors.append(e)
     return records if strict else (records, errors)
+
+
+def load_records(source: str | Path, image_folder: str | Path | None = None, **options: Any) -> list[dict]:
+    """One entry point for a training stage's ``data``:
+
+    * ``"hf:NAME"`` -> a hub dataset by name (``load_hf_dataset``; needs the network once),
+    * a folder written by ``datasets.Dataset.save_to_disk`` -> that dataset, offline,
+    * a ``.json`` / ``.jsonl`` file -> ``load_conversations(source, image_folder)``.
+
+    ``options`` go to ``load_hf_dataset`` (``image_column``, ``conversations_column``,
+    ``split``, ``limit``, ...) or ``load_conversations`` (``check_images``).
+    """
+    text = str(source)
+    path = Path(text).expanduser()
+    if text.startswith("hf:"):
+        return load_hf_dataset(text[3:], **options)
+    if path.is_dir():
+        if not ((path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file()
+                or (path / "state.json").is_file()):
+            raise DataError(text, "is a folder but not a saved `datasets` dataset.",
+                            "pass a .json/.jsonl conversation file, a folder written by "
+                            "Dataset.save_to_disk, or hf:NAME for a hub dataset.")
+        import datasets
+
+        return load_hf_dataset(datasets.load_from_disk(str(path)), **options)
+    return load_conversations(path, image_folder, **options)
 
 
 def iter_texts(records: Iterable[dict]) -> Iterable[str]:

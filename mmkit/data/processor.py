@@ -38,7 +38,7 @@ from mmkit.language import IMAGE_TOKEN, to_chat_messages
 
 IGNORE_INDEX = -100
 
-__all__ = ["IGNORE_INDEX", "Processor", "ProcessorError", "Encoded", "collate", "images_of"]
+__all__ = ["IGNORE_INDEX", "Processor", "ProcessorError", "Encoded", "collate", "images_of", "inline_images"]
 
 
 class ProcessorError(ValueError):
@@ -65,6 +65,41 @@ def images_of(record: dict) -> list:
     if record.get("image") is not None:
         return [record["image"]]
     return []
+
+
+def inline_images(record: dict, where: str = "sample") -> dict:
+    """Qwen-VL's inline images -> ``<image>`` placeholders, so every prefix model reads them.
+
+    ``"Picture 1: <img>a.jpg</img>\\nPicture 2: <img>b.jpg</img>\\nWhich has more stars?"``:
+    each ``<img>PATH</img>`` becomes one ``<image>`` and PATH joins the record's images in
+    order; an empty ``<img></img>`` stands for the record's next image. The model then
+    expands each placeholder its own way: LLaVA's projector to bare image tokens, Qwen-VL
+    (``image_wrap``) back to ``<img>`` + tokens + ``</img>``. Records without ``<img>`` are
+    returned unchanged (the LLaVA convention).
+    """
+    from mmkit.data.conversations import convert_inline_images
+
+    turns = record.get("conversations") or []
+    if not any("<img>" in str(t.get("value", t.get("content", ""))) for t in turns):
+        return record
+    conv, paths = [], []
+    for t in turns:
+        key = "value" if "value" in t else "content"
+        text, found = convert_inline_images(str(t[key]))
+        conv.append({**t, key: text})
+        paths += found
+    given = images_of(record)
+    named = [p for p in paths if p]
+    if named and (given or len(named) != len(paths)):
+        raise ProcessorError(
+            f"{where}: images are given both inline (<img>{named[0]}</img>) and "
+            f"{'in the record' if given else 'as empty <img></img> tags'}; the order would be ambiguous. "
+            "Either put every path inside <img>...</img>, or pass the images and write empty <img></img> tags."
+        )
+    out = {k: v for k, v in record.items() if k not in ("image", "images")}
+    out["conversations"] = conv
+    out["images"] = named if named else given
+    return out
 
 
 class Processor:
@@ -145,6 +180,7 @@ class Processor:
         generation prompt, so the model continues as the assistant.
         """
         sid = str(record.get("id", "?"))
+        record = inline_images(record, where=f"sample {sid!r}")  # Qwen-VL "Picture 1: <img>...</img>"
         images = images_of(record)
         messages = self._messages(record)
         n_placeholders = sum(m["content"].count(IMAGE_TOKEN) for m in messages)

@@ -17,7 +17,7 @@ import numpy as np
 
 from mmkit.viz.core import _finish, _plt, _to_array
 
-__all__ = ["as_grid", "heatmap_image", "heatmap_array", "show_heatmaps"]
+__all__ = ["as_grid", "heatmap_image", "heatmap_array", "show_heatmaps", "show_images"]
 
 
 def as_grid(values: Any, grid: tuple[int, int] | None = None) -> np.ndarray:
@@ -99,6 +99,29 @@ def show_heatmaps(image: Any, maps: Mapping[str, Any] | Any, grid: tuple[int, in
         ax.axis("off")
     for ax, (label, m) in zip(axes.flat, items):
         ax.imshow(heatmap_array(image, m, grid, alpha=alpha, cmap=cmap), interpolation="nearest")
+        ax.set_title(str(label), fontsize=9)
+    if title:
+        fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    return _finish(fig)
+
+
+def show_images(images: Mapping[str, Any] | Any, *, cols: int = 4, panel_size: float = 2.4,
+                title: str | None = None):
+    """Images side by side, one panel each: ``{label: image}`` or a list (e.g. the boxes of
+    ``mmkit.bridges.qwen_vl.draw_boxes`` drawn on test images, labelled with their IoU)."""
+    items = list(images.items()) if isinstance(images, Mapping) else [("", im) for im in images]
+    if not items:
+        raise ValueError("show_images: no images to draw")
+    cols = max(1, min(cols, len(items)))
+    rows = -(-len(items) // cols)
+    plt = _plt()
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * panel_size, rows * panel_size + (0.4 if title else 0)),
+                             squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, (label, im) in zip(axes.flat, items):
+        ax.imshow(_to_array(im), interpolation="nearest")
         ax.set_title(str(label), fontsize=9)
     if title:
         fig.suptitle(title, fontsize=11)

@@ -1,0 +1,592 @@
+"""The chat demo: talk to a trained model about your images, then look inside it.
+
+    mmkit demo [--checkpoint DIR ...] [--port N] [--share]
+
+One chat, three front ends. Everything a turn needs is a plain function here, so the
+Gradio app (``build_app``), the notebook widget (``mmkit.viz.chat``) and the tests all
+run the same code:
+
+    uploaded files --load_images--> RGB images          (ImageError -> a message, not a crash)
+    text + images  --ChatSession.check--> refused early with what to do instead
+    history        --ChatSession.record--> one LLaVA-format record:
+                        {"images": [all images, in order],
+                         "conversations": [human "<image>\\n...question", gpt answer, ...]}
+    record         --model.generate(streamer=TextIteratorStreamer) in a thread-->
+                        partial answers, one per decoded word (``ChatSession.stream``)
+    last answer    --model.explain--> heatmaps over the image, gates, token costs
+                        (``inspect_last``: the "Inspect" panel)
+
+Every model the picker lists is a training checkpoint (``recipe.json`` +
+``model.safetensors``): the shipped tiny models in ``assets/tiny/models/<recipe>/``
+(one per family, written by ``mmkit zoo build``) and every ``--checkpoint DIR``. They
+load on first use and stay cached; nothing is trained when the demo starts.
+
+Bad input never takes the server down: a file that is not an image, a corrupt,
+truncated, tiny or huge image, an empty or overlong message, too many images, a
+conversation longer than the model reads, a checkpoint that is missing or does not
+load. Each becomes a ``ChatError`` whose text is shown in the chat, and the next
+request works as before.
+
+Offline by default: Gradio's analytics are switched off before it is imported, the
+server binds to 127.0.0.1, and a public link is made only with ``--share``.
+"""
+from __future__ import annotations
+
+import os
+import threading
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+from mmkit.language import IMAGE_TOKEN
+
+__all__ = [
+    "ChatError", "ModelEntry", "ModelStore", "ChatSession", "discover_models", "load_images",
+    "inspect_last", "build_app", "launch", "no_model_message", "MAX_MESSAGE_CHARS", "MAX_IMAGES_PER_MESSAGE",
+]
+
+# Longer than any question a person types; the tiny models read 256 tokens in all.
+MAX_MESSAGE_CHARS = 2000
+# Images per message, whatever the model could read: a family whose images do not sit
+# in the context (Flamingo: one marker token each) would otherwise allow hundreds.
+MAX_IMAGES_PER_MESSAGE = 8
+# Tokens kept free for the question and the chat template when counting how many
+# images fit in the model's context.
+TEXT_RESERVE_TOKENS = 32
+
+
+class ChatError(ValueError):
+    """A request the demo refuses; the message says what happened and what to do."""
+
+
+def no_model_message() -> str:
+    return (
+        "No model to chat with yet. Either build the shipped tiny model:\n\n"
+        "    mmkit zoo build --only llava-tiny\n\n"
+        "or train one and point the demo at it:\n\n"
+        "    mmkit train --recipe llava-tiny --out runs/llava-tiny\n"
+        "    mmkit demo --checkpoint runs/llava-tiny"
+    )
+
+
+# ---------------------------------------------------------------------------- models
+@dataclass
+class ModelEntry:
+    """One line of the model picker: a checkpoint folder, or why it cannot be used."""
+
+    label: str
+    path: Path
+    recipe: str = "?"
+    family: str = "?"
+    shipped: bool = False
+    error: str | None = None
+
+
+def _entry(path: Path, shipped: bool) -> ModelEntry:
+    from mmkit.recipes import Recipe
+    from mmkit.train import RECIPE, CheckpointError, find_checkpoint
+
+    try:
+        ckpt = find_checkpoint(path)
+        recipe = Recipe.from_json((ckpt / RECIPE).read_text())
+    except CheckpointError as e:
+        return ModelEntry(f"{path}", path, shipped=shipped, error=str(e))
+    except (ValueError, TypeError, KeyError) as e:  # recipe.json unreadable
+        return ModelEntry(f"{path}", path, shipped=shipped,
+                          error=f"{path}: recipe.json cannot be read ({e}); retrain into this folder")
+    where = "shipped" if shipped else str(path)
+    return ModelEntry(f"{recipe.name} ({where})", path, recipe.name, recipe.family, shipped)
+
+
+def discover_models(checkpoints: Sequence[str | Path] = (), *, shipped: bool = True) -> list[ModelEntry]:
+    """The shipped tiny models (``assets/tiny/models/*``) then each ``checkpoints`` folder.
+
+    A folder that is missing or incomplete still gets an entry, with ``error`` saying
+    why (the app shows it and starts anyway). Labels are unique.
+    """
+    from mmkit.paths import assets_dir
+
+    entries: list[ModelEntry] = []
+    root = assets_dir() / "tiny" / "models"
+    if shipped and root.is_dir():
+        entries += [_entry(d, True) for d in sorted(root.iterdir()) if d.is_dir()]
+    entries += [_entry(Path(c).expanduser(), False) for c in checkpoints]
+    seen: dict[str, int] = {}
+    for e in entries:
+        n = seen[e.label] = seen.get(e.label, 0) + 1
+        if n > 1:
+            e.label = f"{e.label} #{n}"
+    return entries
+
+
+def _place(model) -> Any:
+    """On a GPU, move everything but a quantised LM (bitsandbytes placed that itself)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return model
+    quantized = getattr(getattr(model, "recipe", None), "quantization", None)
+    for name, child in model.named_children():
+        if not (name == "lm" and quantized):
+            child.to("cuda")
+    return model
+
+
+class ModelStore:
+    """The picker's models, each loaded on first use and then cached (thread-safe)."""
+
+    def __init__(self, entries: Sequence[ModelEntry]):
+        self.entries = list(entries)
+        self._models: dict[str, Any] = {}
+        self._lock = threading.Lock()
+
+    @property
+    def labels(self) -> list[str]:
+        """Labels of the usable entries, shipped ones first."""
+        return [e.label for e in self.entries if e.error is None]
+
+    @property
+    def problems(self) -> list[str]:
+        return [e.error for e in self.entries if e.error is not None]
+
+    def entry(self, label: str | None) -> ModelEntry:
+        if not label:
+            if not self.labels:
+                raise ChatError(no_model_message())
+            raise ChatError("Pick a model in the list first.")
+        for e in self.entries:
+            if e.label == label:
+                if e.error:
+                    raise ChatError(f"This checkpoint cannot be used: {e.error}")
+                return e
+        raise ChatError(f"Unknown model {label!r}; pick one of: {', '.join(self.labels) or '(none)'}")
+
+    def get(self, label: str | None):
+        """The model behind ``label``, loading it the first time (ChatError if it cannot)."""
+        entry = self.entry(label)
+        with self._lock:
+            if entry.label not in self._models:
+                from mmkit.train import load_model
+
+                try:
+                    model = _place(load_model(entry.path))
+                except Exception as e:  # noqa: BLE001 - any load failure becomes a message
+                    raise ChatError(
+                        f"Could not load {entry.label}: {type(e).__name__}: {e}\n"
+                        "Check the folder (retrain with `mmkit train --out DIR`), or for a hub "
+                        "model that the weights are cached (the demo runs offline)."
+                    ) from e
+                model.eval()
+                model._demo_lock = threading.Lock()  # one generate / explain at a time per model
+                self._models[entry.label] = model
+            return self._models[entry.label]
+
+
+# ---------------------------------------------------------------------------- images
+def _name(src: Any, i: int) -> str:
+    if isinstance(src, (str, Path)):
+        return Path(src).name
+    return getattr(src, "name", None) or f"image {i + 1}"
+
+
+def load_images(files: Sequence[Any] | None) -> list:
+    """Uploaded files (paths, bytes, PIL images, or (name, data) pairs) -> RGB images.
+
+    ``mmkit.data.images.load_image`` does the checking; its ``ImageError`` becomes a
+    ``ChatError`` naming the file by its base name (not Gradio's temp path).
+    """
+    from mmkit.data.images import ImageError, load_image
+
+    out = []
+    for i, f in enumerate(files or []):
+        name, src = (f if isinstance(f, tuple) and len(f) == 2 else (_name(f, i), f))
+        if isinstance(src, dict) and "path" in src:  # a Gradio FileData dict
+            src = src["path"]
+        try:
+            out.append(load_image(src))
+        except ImageError as e:
+            raise ChatError(f"**{name}** cannot be used: {e.problem}\nHow to fix: {e.fix}") from e
+    return out
+
+
+# ------------------------------------------------------------------------------ chat
+@dataclass
+class Turn:
+    role: str  # "user" | "assistant"
+    text: str
+    images: list = field(default_factory=list)
+    n_tokens: int = 0  # prompt length up to and including this turn (user turns)
+
+
+class ChatSession:
+    """One conversation with one model: history, limits, streaming, inspection.
+
+    ``stream(text, files)`` checks the request (``ChatError`` before any compute),
+    yields the answer as it grows, and only then adds both turns to the history, so a
+    refused or failed request leaves the conversation as it was.
+    """
+
+    def __init__(self, model, label: str = ""):
+        self.model = model
+        self.label = label or getattr(getattr(model, "recipe", None), "name", "model")
+        self.turns: list[Turn] = []
+        self.last_request: dict | None = None  # what explain() needs about the last answer
+
+    # ----------------------------------------------------------------- limits
+    @property
+    def max_length(self) -> int:
+        return int(self.model.processor.max_length)
+
+    @property
+    def tokens_per_image(self) -> int:
+        """Tokens one image costs this model (asked of the model, as the processor does)."""
+        from PIL import Image
+
+        if not hasattr(self, "_tpi"):
+            H, W = getattr(self.model, "image_size", (64, 64))
+            pv = self.model.preprocess([Image.new("RGB", (W, H))])[0]
+            self._tpi = len(self.model.processor.expand(pv))
+        return self._tpi
+
+    @property
+    def max_images(self) -> int:
+        """Images per message: what fits in the context next to a short question (at
+        most ``MAX_IMAGES_PER_MESSAGE``), unless the model states its own ``max_images``."""
+        return self._image_limit()[0]
+
+    def _image_limit(self) -> tuple[int, str]:
+        own = getattr(self.model, "max_images", None)
+        if own:
+            return int(own), f"{self.label} was built for at most {int(own)}"
+        fit = max(1, (self.max_length - TEXT_RESERVE_TOKENS) // max(1, self.tokens_per_image))
+        if fit > MAX_IMAGES_PER_MESSAGE:
+            return MAX_IMAGES_PER_MESSAGE, f"the demo takes at most {MAX_IMAGES_PER_MESSAGE} per message"
+        return fit, (f"each image costs {self.tokens_per_image} tokens and {self.label} reads at most "
+                     f"{self.max_length}")
+
+    def describe(self) -> str:
+        return (f"**{self.label}**: each image costs {self.tokens_per_image} tokens; "
+                f"up to {self.max_images} image(s) per message; the model reads at most "
+                f"{self.max_length} tokens per conversation.")
+
+    # ---------------------------------------------------------------- records
+    def record(self, extra: Sequence[Turn] = ()) -> dict:
+        """The history (+ ``extra`` turns) as one LLaVA-format record, images in order."""
+        conv, images = [], []
+        for t in [*self.turns, *extra]:
+            text = t.text
+            if t.images:  # LLaVA convention: the placeholders open the turn that brought them
+                text = "\n".join([IMAGE_TOKEN] * len(t.images)) + "\n" + text
+                images += t.images
+            conv.append({"from": "human" if t.role == "user" else "gpt", "value": text})
+        return {"id": "chat", "images": images, "conversations": conv}
+
+    def check(self, text: str | None, files: Sequence[Any] | None = None) -> Turn:
+        """Validate one user message; returns the turn to add, or raises ``ChatError``."""
+        from mmkit.data.processor import ProcessorError
+
+        text = (text or "").strip()
+        n_files = len(files or [])
+        if not text:
+            raise ChatError("The message is empty: type a question"
+                            + (" about the image." if n_files else ", e.g. 'What colour is the circle?'."))
+        if len(text) > MAX_MESSAGE_CHARS:
+            raise ChatError(
+                f"The message is {len(text):,} characters; the demo takes at most "
+                f"{MAX_MESSAGE_CHARS:,} ({self.label} reads {self.max_length} tokens in all, "
+                "images included). Ask a shorter question.")
+        limit, why = self._image_limit()
+        if n_files > limit:
+            raise ChatError(f"{n_files} images in one message, but {self.label} takes at most {limit}: "
+                            f"{why}. Send fewer images.")
+        # Typed "<image>" would become a real placeholder and break the image count.
+        text = text.replace(IMAGE_TOKEN, "image")
+        turn = Turn("user", text, load_images(files))
+        try:  # does the whole conversation still fit? (the processor says exactly)
+            n = len(self.model.processor.encode(self.record([turn]), for_generation=True))
+        except ProcessorError as e:
+            if "max_length" in str(e):
+                raise ChatError(
+                    f"The conversation no longer fits: {self.label} reads at most {self.max_length} "
+                    "tokens and this message would go past that. Press Clear to start a new "
+                    "conversation.") from e
+            raise ChatError(str(e)) from e
+        turn.n_tokens = n
+        return turn
+
+    # ----------------------------------------------------------------- stream
+    def stream(self, text: str | None = None, files: Sequence[Any] | None = None, *, turn: Turn | None = None,
+               max_new_tokens: int = 48, temperature: float = 0.0, **gen_kwargs: Any) -> Iterator[str]:
+        """Yield the answer as it grows (each item is the whole answer so far).
+
+        Generation runs in a thread and feeds a ``TextIteratorStreamer``; the last
+        item is the full answer, which is also what ``model.generate`` would return.
+        ``turn``: an already checked ``Turn`` (from ``check``), used instead of text/files.
+        """
+        from transformers import TextIteratorStreamer
+
+        if turn is None:
+            turn = self.check(text, files)
+        model = self.model
+        streamer = TextIteratorStreamer(model.tokenizer, skip_prompt=True, skip_special_tokens=True,
+                                        timeout=600.0)
+        result: dict[str, Any] = {}
+
+        def run() -> None:
+            try:
+                result["answers"] = model.generate(
+                    records=[self.record([turn])], streamer=streamer,
+                    max_new_tokens=int(max_new_tokens), temperature=float(temperature), **gen_kwargs)
+            except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
+                result["error"] = e
+                streamer.end()  # unblock the consumer
+
+        lock = getattr(model, "_demo_lock", None) or threading.Lock()
+        with lock:
+            worker = threading.Thread(target=run, daemon=True)
+            worker.start()
+            partial = ""
+            for piece in streamer:
+                if piece:
+                    partial += piece
+                    yield partial.strip()
+            worker.join()
+        if "error" in result:
+            e = result["error"]
+            raise ChatError(f"Generation failed: {type(e).__name__}: {e}") from e
+        answer = result["answers"][0]
+        self.turns += [turn, Turn("assistant", answer)]
+        self.last_request = {"record": self.record(), "answer": answer}
+        yield answer
+
+    def reply(self, text: str | None, files: Sequence[Any] | None = None, **kwargs: Any) -> str:
+        """``stream`` consumed: the full answer."""
+        answer = ""
+        for answer in self.stream(text, files, **kwargs):
+            pass
+        return answer
+
+    def clear(self) -> None:
+        self.turns.clear()
+        self.last_request = None
+
+    # ---------------------------------------------------------------- inspect
+    def explain(self) -> dict:
+        """``model.explain`` for the last answer (the whole conversation as the prompt)."""
+        if self.last_request is None:
+            raise ChatError("Nothing to inspect yet: ask a question first.")
+        rec = self.last_request["record"]
+        if not rec["images"]:
+            raise ChatError("The conversation has no image, so there is nothing to show over one. "
+                            "Upload an image with your question.")
+        conv = rec["conversations"][:-1]  # explain appends the answer itself
+        messages = [{"role": "user" if c["from"] == "human" else "assistant", "content": c["value"]}
+                    for c in conv]
+        lock = getattr(self.model, "_demo_lock", None) or threading.Lock()
+        with lock:
+            return self.model.explain(rec["images"], messages, self.last_request["answer"])
+
+
+def inspect_last(session: ChatSession | None, max_maps: int = 4) -> tuple[list, str]:
+    """The "Inspect" panel: ([(heatmap PIL image, caption)], markdown summary).
+
+    Heatmaps are drawn over each image as the model framed it (``explain``'s views),
+    so in "pad" mode the letterbox bands are part of the picture and the heat sits
+    on the patches the model actually saw.
+    """
+    from mmkit.viz.overlay import heatmap_image
+
+    if session is None:
+        raise ChatError("Nothing to inspect yet: pick a model and ask a question first.")
+    info = session.explain()
+    views = info.get("views") or session.last_request["record"]["images"]
+    gallery = []
+    for i, (view, maps) in enumerate(zip(views, info["maps"])):
+        for label, m in list(maps.items())[:max_maps]:
+            gallery.append((heatmap_image(view, m), f"image {i + 1}: {label}"))
+    h, w = info["grid"]
+    lines = [f"**What the maps show:** {info['source']}.",
+             f"**Patch grid:** {h} x {w} = {h * w} patches per image."]
+    costs = ", ".join(f"image {i + 1}: {n}" for i, n in enumerate(info["image_tokens"]))
+    lines.append(f"**Tokens each image cost:** {costs} (total {sum(info['image_tokens'])}).")
+    if info.get("image_share"):
+        share = ", ".join(f"image {i + 1}: {s:.0%}" for i, s in enumerate(info["image_share"]))
+        lines.append(f"**Share of the answer's attention on the image tokens:** {share}.")
+    if info.get("gates"):
+        lines.append("**Gates (tanh alpha):** " + ", ".join(f"`{k}` = {v:+.3f}" for k, v in info["gates"].items()))
+    else:
+        lines.append("**Gates:** none (this family has no gated layers; Flamingo does).")
+    if not gallery:
+        lines.append("No heatmap: this bridge's tokens do not sit on the patch grid.")
+    return gallery, "\n\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- gradio
+def _user_message(turn_text: str, files: Sequence[Any], images_ok: bool) -> list[dict]:
+    msgs = []
+    for f in files or []:
+        path = f["path"] if isinstance(f, dict) else f
+        if images_ok:
+            msgs.append({"role": "user", "content": {"path": str(path)}})
+        else:  # a rejected file is named, not displayed (it may not be an image at all)
+            msgs.append({"role": "user", "content": f"[{Path(str(path)).name}]"})
+    if turn_text:
+        shown = turn_text if len(turn_text) <= 300 else turn_text[:300] + f"... ({len(turn_text):,} characters)"
+        msgs.append({"role": "user", "content": shown})
+    return msgs
+
+
+def build_app(store: ModelStore | Sequence[str | Path] = (), *, title: str = "mmkit chat"):
+    """The Gradio Blocks app over a ``ModelStore`` (or a list of checkpoint folders).
+
+    API names (for ``gradio_client``): ``/chat`` (model, {"text", "files"}, max new
+    tokens, temperature) streams the chat; ``/inspect``; ``/clear``; ``/select``.
+    """
+    os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
+    import gradio as gr
+
+    if not isinstance(store, ModelStore):
+        store = ModelStore(discover_models(store))
+    labels = store.labels
+    notes = [f"Could not use a checkpoint: {p}" for p in store.problems]
+    if not labels:
+        notes.append(no_model_message())
+    intro = [{"role": "assistant", "content": n} for n in notes]
+
+    def new_state(label):
+        return {"label": label, "session": None, "display": list(intro)}
+
+    def session_for(state, label) -> ChatSession:
+        if state["session"] is None or state["label"] != label:
+            model = store.get(label)
+            state["session"], state["label"] = ChatSession(model, label), label
+        return state["session"]
+
+    def respond(label, message, max_new_tokens, temperature, state):
+        state = state or new_state(label)
+        if state["label"] != label:  # picking another model starts a new conversation
+            state = new_state(label)
+        message = message or {}
+        text, files = message.get("text") or "", list(message.get("files") or [])
+        display = state["display"]
+        cleared = gr.MultimodalTextbox(value=None)
+        shown = False
+        try:
+            session = session_for(state, label)
+            turn = session.check(text, files)  # refuse before showing anything as sent
+            display += _user_message(turn.text, files, True)
+            display.append({"role": "assistant", "content": "…"})
+            shown = True
+            yield display, cleared, state
+            for partial in session.stream(turn=turn, max_new_tokens=max_new_tokens,
+                                          temperature=temperature):
+                display[-1] = {"role": "assistant", "content": partial or "…"}
+                yield display, cleared, state
+            if display[-1]["content"] in ("", "…"):
+                display[-1] = {"role": "assistant", "content": "(the model answered with nothing)"}
+                yield display, cleared, state
+        except Exception as e:  # noqa: BLE001 - the server stays up whatever happens
+            if not isinstance(e, ChatError):  # not an input problem: a bug, show it plainly
+                traceback.print_exc()
+                e = f"Something went wrong inside mmkit ({type(e).__name__}: {e}); the details are on the console."
+            if shown:
+                display.pop()  # the unfinished answer
+            else:
+                display += _user_message(text.strip(), files, False)
+            display.append({"role": "assistant", "content": f"⚠️ {e}"})
+            yield display, cleared, state
+
+    def clear(label, state):
+        state = new_state(label)
+        return state["display"], state, [], ""
+
+    def select(label, state):
+        state = new_state(label)
+        try:
+            status = ChatSession(store.get(label), label).describe() if label else no_model_message()
+        except ChatError as e:
+            status = f"⚠️ {e}"
+        return state["display"], state, [], "", status
+
+    def inspect(state):
+        session = (state or {}).get("session")
+        try:
+            return inspect_last(session)
+        except ChatError as e:
+            return [], f"⚠️ {e}"
+        except Exception as e:  # noqa: BLE001
+            traceback.print_exc()
+            return [], f"⚠️ Something went wrong inside mmkit ({type(e).__name__}: {e}); see the console."
+
+    with gr.Blocks(title=title, analytics_enabled=False) as app:
+        gr.Markdown(f"# {title}\nUpload image(s), ask, and watch the answer stream in. "
+                    "**Inspect** shows what the model looked at for its last answer.")
+        state = gr.State(None)
+        with gr.Row():
+            with gr.Column(scale=3):
+                picker = gr.Dropdown(choices=labels, value=labels[0] if labels else None,
+                                     label="Model", allow_custom_value=False)
+                status = gr.Markdown("The model loads on first use (a few seconds for a tiny one)."
+                                     if labels else "No model available yet: see the chat.")
+                chatbot = gr.Chatbot(value=intro, label="Chat", height=420)
+                box = gr.MultimodalTextbox(file_count="multiple", sources=["upload"],
+                                           placeholder="Ask about the image(s)… (attach with the clip)",
+                                           show_label=False)
+                with gr.Row():
+                    clear_btn = gr.Button("Clear")
+                with gr.Accordion("Generation settings", open=False):
+                    max_tokens = gr.Slider(1, 256, value=48, step=1, label="Max new tokens")
+                    temperature = gr.Slider(0.0, 2.0, value=0.0, step=0.05,
+                                            label="Temperature (0 = greedy)")
+            with gr.Column(scale=2):
+                gr.Markdown("## Inspect")
+                inspect_btn = gr.Button("Inspect the last answer")
+                gallery = gr.Gallery(label="Where the model looked", columns=2, height=360, format="png")
+                info = gr.Markdown("")
+        box.submit(respond, [picker, box, max_tokens, temperature, state], [chatbot, box, state],
+                   api_name="chat")
+        clear_btn.click(clear, [picker, state], [chatbot, state, gallery, info], api_name="clear")
+        picker.change(select, [picker, state], [chatbot, state, gallery, info, status], api_name="select")
+        inspect_btn.click(inspect, [state], [gallery, info], api_name="inspect")
+    app.mmkit_store = store
+    return app
+
+
+def launch(checkpoints: Sequence[str | Path] = (), *, port: int | None = None, share: bool = False,
+           block: bool = True, warm: bool = True):
+    """Start the demo on 127.0.0.1 (public link only with ``share``); returns the app.
+
+    Prints every checkpoint that cannot be used, and the local URL. ``warm`` loads the
+    first model in a background thread after the page is served, so the first
+    question does not wait for it.
+    """
+    t0 = time.perf_counter()
+    store = ModelStore(discover_models(checkpoints))
+    for p in store.problems:
+        print(f"mmkit demo: cannot use a checkpoint: {p}", flush=True)
+    if not store.labels:
+        print("mmkit demo: " + no_model_message().replace("\n\n", "\n"), flush=True)
+    app = build_app(store)
+    app.launch(server_name="127.0.0.1", server_port=port, share=share, prevent_thread_lock=True,
+               quiet=True, footer_links=["api"])
+    print(f"mmkit demo: running on {app.local_url} (started in {time.perf_counter() - t0:.1f} s; "
+          "Ctrl+C to stop)", flush=True)
+    if share and getattr(app, "share_url", None):
+        print(f"mmkit demo: public link {app.share_url}", flush=True)
+    if warm and store.labels:
+        threading.Thread(target=lambda: _quiet_get(store, store.labels[0]), daemon=True).start()
+    if block:
+        try:
+            app.block_thread()
+        except KeyboardInterrupt:  # pragma: no cover - interactive
+            pass
+    return app
+
+
+def _quiet_get(store: ModelStore, label: str) -> None:
+    try:
+        store.get(label)
+    except ChatError as e:
+        print(f"mmkit demo: {e}", flush=True)
