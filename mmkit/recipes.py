@@ -219,6 +219,22 @@ def llava_tiny() -> Recipe:
     )
 
 
+@register_recipe("llava-tiny-qlora")
+def llava_tiny_qlora() -> Recipe:
+    """llava-tiny with QLoRA in stage 2: the LM frozen in 4-bit NF4, LoRA adapters trained.
+
+    The same code path as ``llava-hf`` on a real LM, small enough for a CPU (bitsandbytes
+    runs NF4 on CPU too): notebook 07 and the QLoRA tests use it.
+    """
+    r = llava_tiny()
+    r.name = "llava-tiny-qlora"
+    r.quantization = "4bit"
+    r.lora = {"r": 8, "alpha": 16, "dropout": 0.0}
+    r.stages[1].train = ["bridge", "lora"]
+    r.stages[1].lr_groups = {"lora": 2e-3}
+    return r
+
+
 @register_recipe("llava-hf")
 def llava_hf() -> Recipe:
     """LLaVA-1.5 with real parts on one GPU: SigLIP-B/16 + SmolLM2-360M-Instruct, QLoRA.

@@ -177,6 +177,7 @@ def merge_image_tokens(input_ids, text_embeds, image_embeds, image_token_id):
 
 
 def _reference(name: str) -> Callable:
+    _load_all()
     ns: dict[str, Any] = {}
     exec(compile(_SOLUTIONS[name], f"<solution {name}>", "exec"), ns)  # noqa: S102 - our own source
     return ns[name]

@@ -630,6 +630,43 @@ def plot_curves(
     return _finish(fig)
 
 
+def plot_histograms(
+    values: Mapping[str, Any],
+    *,
+    bins: int = 60,
+    title: str = "",
+    xlabel: str = "",
+    marks: Sequence[float] | None = None,
+    marks_label: str = "",
+    figsize: tuple[float, float] = (5.2, 3.2),
+):
+    """Overlaid histograms: ``{name: values}`` (tensors or arrays, flattened), shared bins.
+
+    marks: vertical lines at these x values (e.g. quantisation levels), named ``marks_label``.
+    """
+    if not values:
+        raise ValueError("plot_histograms: nothing to plot")
+    arrays = {k: (v.detach().float().cpu().numpy() if hasattr(v, "detach") else np.asarray(v, dtype=float)).ravel()
+              for k, v in values.items()}
+    lo = min(float(a.min()) for a in arrays.values())
+    hi = max(float(a.max()) for a in arrays.values())
+    edges = np.linspace(lo, hi if hi > lo else lo + 1, bins + 1)
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=figsize)
+    for j, (name, a) in enumerate(arrays.items()):
+        ax.hist(a, bins=edges, alpha=0.55, color=_SERIES[j % len(_SERIES)], label=name)
+    for i, m in enumerate(marks or []):
+        ax.axvline(float(m), color="#555555", lw=0.8, ls=":", label=marks_label if i == 0 and marks_label else None)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("count")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, frameon=False)
+    if title:
+        ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    return _finish(fig)
+
+
 # ------------------------------------------------------------------------------ tables
 class MarkdownTable(str):
     """A str that Jupyter renders as Markdown (and prints as plain Markdown elsewhere)."""
