@@ -101,6 +101,15 @@ class VLM(nn.Module):
     def image_grid(self, pixel_values: Tensor) -> tuple[int, int]:
         return self.vision.grid(tuple(pixel_values.shape[-2:]))
 
+    def pixel_dtype(self) -> torch.dtype:
+        """The dtype pixels are cast to: the vision encoder's, or the bridge's when the image
+        side has no weights of its own (encoder-free Fuyu / EVE: the "vision" is a patchifier)."""
+        for m in (self.vision, self.bridge):
+            p = next(m.parameters(), None)
+            if p is not None:
+                return p.dtype
+        return torch.float32
+
     def num_image_tokens(self, pixel_values: Tensor | None = None) -> int:
         """How many LM tokens one image costs (the bridge decides)."""
         if pixel_values is None:
@@ -213,7 +222,7 @@ class VLM(nn.Module):
         attention_mask = batch["attention_mask"].to(device)
         pv = batch["pixel_values"]
         if isinstance(pv, Tensor):
-            pv = pv.to(device=device, dtype=next(self.vision.parameters()).dtype)
+            pv = pv.to(device=device, dtype=self.pixel_dtype())
         was_training = self.training
         self.eval()
         try:
@@ -290,7 +299,7 @@ class VLM(nn.Module):
         pv = batch["pixel_values"]
         if not isinstance(pv, Tensor):
             raise ValueError("explain needs at least one image (maps are drawn over the image)")
-        pv = pv.to(device=device, dtype=next(self.vision.parameters()).dtype)
+        pv = pv.to(device=device, dtype=self.pixel_dtype())
         n_img = pv.shape[0]
         grid = tuple(self.image_grid(pv))
         image_tokens = [len(self.processor.expand(p)) for p in pv.cpu()]
