@@ -5,6 +5,7 @@
     mmkit eval  --checkpoint DIR --task vqa|pope|ground|caption [--split test] [--n N] [--json] [--blind]
     mmkit demo [--checkpoint DIR ...] [--port N] [--share]   the chat demo in the browser
     mmkit zoo build [--out DIR]      retrain the tiny pre-trained ViT and LM from scratch
+    mmkit zoo models [--only NAME]   train the family models the demo ships (assets/tiny/models)
     mmkit bench shapes               ShapesWorld samples per second
     mmkit bench memory [--target]    peak memory and s/iter: full / LoRA / QLoRA x sequence length
     mmkit export --merge --checkpoint DIR --out OUT   LoRA folded into a plain LM
@@ -90,6 +91,9 @@ def cmd_zoo(args: argparse.Namespace) -> int:
     if args.action == "build":
         report = zoo.build(out=args.out, smoke=args.smoke, only=args.only)
         _print_json_last(report)
+    elif args.action == "models":  # the trained family models the demo ships with
+        names = [args.only] if args.only else list(zoo.SHIPPED_MODELS)
+        _print_json_last(zoo.build_models(names, out=args.out, smoke=args.smoke))
     elif args.action == "info":
         _print_json_last(zoo.info())
     return 0
@@ -207,10 +211,12 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(fn=cmd_demo)
 
     z = sub.add_parser("zoo", help="the tiny pre-trained encoder and LM")
-    z.add_argument("action", choices=["build", "info"])
+    z.add_argument("action", choices=["build", "models", "info"],
+                   help="build: the tiny ViT + LM; models: train and ship the demo's family models")
     z.add_argument("--out", default=None, help="assets folder to write (default: the shipped assets/)")
     z.add_argument("--smoke", action="store_true", help="a seconds-long build, for tests")
-    z.add_argument("--only", choices=["vision", "lm"], default=None)
+    z.add_argument("--only", default=None,
+                   help="build: vision | lm; models: one recipe name (default: every shipped model)")
     z.set_defaults(fn=cmd_zoo)
 
     b = sub.add_parser("bench", help="speed benchmarks that print their figures")

@@ -88,8 +88,14 @@ class ViTConfig:
     num_channels: int = 3
     image_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     image_std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    stem: str = "patch"  # "patch": one Conv2d k=s=patch (ViT); "conv": 3x3 stride-2 convs (Xiao et al. 2021)
 
     def __post_init__(self) -> None:
+        if self.stem not in ("patch", "conv"):
+            raise ValueError(f"ViTConfig: stem={self.stem!r}; choose 'patch' (ViT) or 'conv' (convolutional stem).")
+        if self.stem == "conv" and (self.patch_size & (self.patch_size - 1) or self.patch_size < 2):
+            raise ValueError(f"ViTConfig: stem='conv' halves the image log2(patch) times, so patch_size must be a "
+                             f"power of two >= 2, got {self.patch_size}; use stem='patch' for other sizes.")
         H, W = _pair(self.image_size)
         if H % self.patch_size or W % self.patch_size:
             raise ValueError(f"ViTConfig: image_size {H}x{W} must be a multiple of patch_size={self.patch_size}.")
@@ -162,11 +168,29 @@ class Block(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
+def conv_stem(in_ch: int, dim: int, patch: int) -> nn.Sequential:
+    """A convolutional stem (Xiao et al. 2021, "Early Convolutions Help Transformers See
+    Better", Fig. 1): log2(patch) 3x3 stride-2 convolutions, widths doubling up to ``dim``,
+    then a 1x1 convolution. (B, C, H, W) -> (B, D, H/patch, W/patch), the same token grid
+    as the patchify stem; but each token's receptive field (2*patch - 1 pixels wide)
+    reaches into the patches above and to its left, and the stacked non-linearities
+    detect edges and corners before any attention: local shape, which a linear
+    patchify must leave to attention to assemble across patch borders.
+    """
+    n = patch.bit_length() - 1  # patch = 2**n
+    widths = [max(dim // 2 ** (n - 1 - i), 8) for i in range(n)]  # e.g. 32, 64, 128
+    layers: list[nn.Module] = []
+    for c_in, c_out in zip([in_ch, *widths[:-1]], widths):
+        layers += [nn.Conv2d(c_in, c_out, 3, stride=2, padding=1), nn.GELU()]
+    return nn.Sequential(*layers, nn.Conv2d(widths[-1], dim, 1))
+
+
 class TinyViT(nn.Module):
     """A small Vision Transformer (ViT paper, Fig. 1), pre-norm, with a CLS token.
 
     pixel_values (B, C, H, W), H and W multiples of ``patch_size`` (any aspect ratio):
         patch_embed: Conv2d(C, D, k=s=patch)   -> (B, D, h, w) -> (B, h*w, D)
+                     (or, with stem="conv", ``conv_stem``: same output shape)
         cat CLS                                -> (B, 1 + h*w, D)
         + pos_embed (resized bicubically when (h, w) != the training grid)
         blocks x L, final LayerNorm
@@ -177,7 +201,8 @@ class TinyViT(nn.Module):
         self.config = cfg = config or ViTConfig()
         D, p = cfg.hidden_size, cfg.patch_size
         gh, gw = cfg.grid
-        self.patch_embed = nn.Conv2d(cfg.num_channels, D, kernel_size=p, stride=p)
+        self.patch_embed = (nn.Conv2d(cfg.num_channels, D, kernel_size=p, stride=p) if cfg.stem == "patch"
+                            else conv_stem(cfg.num_channels, D, p))
         self.cls_token = nn.Parameter(torch.zeros(1, 1, D))
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + gh * gw, D))  # CLS position first
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from mmkit import zoo
+from mmkit.data.shapes import ShapesWorld
 from mmkit.paths import assets_dir
 
 SHIPPED = assets_dir() / "tiny"
@@ -27,7 +28,7 @@ def test_shipped_assets_are_small_and_load():
 
 @pytest.fixture(scope="module")
 def probe_features():
-    """Layer -2 patch features (what a bridge reads), mean-pooled, on one-object scenes."""
+    """Layer -2 patch features (what a bridge reads), (N, 64, D), on one-object scenes."""
     from mmkit.data.shapes import COLORS, SHAPES, ShapesConfig, ShapesWorld
     from mmkit.vision import load_vision_encoder
 
@@ -37,7 +38,7 @@ def probe_features():
     def feats(split, n):
         scenes = [world.scene(split, i) for i in range(n)]
         with torch.no_grad():
-            f = enc.features(enc.preprocess([world.render(s) for s in scenes]), layer=-2).mean(1)
+            f = enc.features(enc.preprocess([world.render(s) for s in scenes]), layer=-2)
         objs = [s.objects[0] for s in scenes]
         return (f, torch.tensor([list(COLORS).index(o.color) for o in objs]),
                 torch.tensor([list(SHAPES).index(o.shape) for o in objs]))
@@ -48,15 +49,22 @@ def probe_features():
 @needs_assets
 def test_shipped_encoder_linear_probe_colour(probe_features):
     (fx, cx, _), (vx, cv, _) = probe_features
-    assert zoo.linear_probe(fx, cx, vx, cv) >= 0.95
+    assert zoo.linear_probe(fx.mean(1), cx, vx.mean(1), cv) >= 0.95
 
 
 @needs_assets
-@pytest.mark.xfail(strict=True, reason="known gap: the CLIP-trained TinyViT does not yet make shape "
-                   "linearly readable (0.50 measured mean-pooled, chance 0.17); see docs/benchmarks.md")
+@pytest.mark.xfail(strict=True, reason="known gap: mean-pooled over all 64 patches, the object's shape is "
+                   "diluted by the background (0.46 measured, chance 0.17); see docs/benchmarks.md")
 def test_shipped_encoder_linear_probe_shape(probe_features):
     (fx, _, sx), (vx, _, sv) = probe_features
-    assert zoo.linear_probe(fx, sx, vx, sv) >= 0.95
+    assert zoo.linear_probe(fx.mean(1), sx, vx.mean(1), sv) >= 0.95
+
+
+@needs_assets
+def test_shipped_encoder_patch_tokens_carry_shape(probe_features):
+    """The same layer -2 tokens, max-pooled (no dilution): shape is there (0.89 measured, 700 steps)."""
+    (fx, _, sx), (vx, _, sv) = probe_features
+    assert zoo.linear_probe(fx.amax(1), sx, vx.amax(1), sv) >= 0.85
 
 
 def test_clip_loss_prefers_matching_pairs():
@@ -65,6 +73,84 @@ def test_clip_loss_prefers_matching_pairs():
     bad = zoo.clip_loss(a, torch.randn(8, 16), torch.tensor(2.0))
     assert good < bad
     assert zoo.retrieval_r1(a, a) == 1.0
+
+
+def test_conv_stem_keeps_the_token_grid_and_sees_across_patch_borders(tmp_path):
+    from mmkit.vision import TinyViT, ViTConfig
+
+    torch.manual_seed(0)
+    cfg = ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_layers=1, num_heads=2, stem="conv")
+    vit, patchify = TinyViT(cfg).eval(), TinyViT(ViTConfig(**{**cfg.__dict__, "stem": "patch"})).eval()
+    x = torch.randn(1, 3, 32, 32)
+    y = x.clone()
+    y[..., 0, 7] += 5.0  # a pixel in patch column 0, right at the border with column 1
+    with torch.no_grad():
+        for m in (vit, patchify):
+            assert m.patch_embed(x).shape == (1, 32, 4, 4)
+        changed = lambda m: (m.patch_embed(y) - m.patch_embed(x)).abs().amax(1)[0, 0]  # (w,) top row
+        assert changed(patchify)[1] == 0 and changed(vit)[1] > 0  # only the conv stem's column 1 sees it
+    vit.save_pretrained(tmp_path)
+    again = TinyViT.from_pretrained(tmp_path)
+    assert again.config.stem == "conv"
+    with pytest.raises(ValueError, match="power of two"):
+        ViTConfig(patch_size=6, image_size=48, stem="conv")
+
+
+def test_caption_decoder_masks_and_reads_the_image():
+    torch.manual_seed(0)
+    dec = zoo.CaptionDecoder(vocab_size=50, image_dim=24, dim=32, layers=2, heads=4).eval()
+    ids, img = torch.randint(0, 50, (2, 7)), torch.randn(2, 5, 24)
+    later = ids.clone()
+    later[:, 4:] = (later[:, 4:] + 1) % 50
+    with torch.no_grad():
+        out = dec(ids, img)
+        assert out.shape == (2, 7, 50)
+        # causal: changing tokens 4.. leaves the predictions at 0..3 untouched
+        assert torch.allclose(dec(later, img)[:, :4], out[:, :4], atol=1e-6)
+        assert not torch.allclose(dec(later, img)[:, 4:], out[:, 4:], atol=1e-3)
+        # every position reads the image tokens through cross-attention
+        assert (dec(ids, img + 1.0) - out).abs().amax(-1).min() > 1e-4
+
+
+def test_caption_loss_parallel_prediction_depends_only_on_the_image():
+    torch.manual_seed(0)
+    dec = zoo.CaptionDecoder(vocab_size=30, image_dim=16, dim=16, layers=1, heads=2)
+    img = torch.randn(3, 4, 16, requires_grad=True)
+    ids, mask = torch.randint(1, 30, (3, 6)), torch.ones(3, 6, dtype=torch.long)
+    mask[0, 4:] = 0  # padding is not scored
+    loss = zoo.caption_loss(dec, img, ids, mask, start_id=0, parallel=True)
+    loss.backward()
+    assert img.grad.abs().sum() > 0  # the loss trains whatever produced the image tokens
+    # parallel: the decoder reads only the start token, so the caption's own tokens cannot leak in
+    with torch.no_grad():
+        a = dec(torch.zeros_like(ids), img, parallel=True)
+        assert torch.allclose(zoo.caption_loss(dec, img, ids, mask, 0, parallel=True),
+                              torch.nn.functional.cross_entropy(a.flatten(0, 1), ids.masked_fill(mask == 0, -100).flatten()))
+    # a few steps on one fixed batch lower the loss: the decoder learns from image tokens
+    opt = torch.optim.AdamW(dec.parameters(), lr=1e-2)
+    first = None
+    for _ in range(30):
+        opt.zero_grad()
+        loss = zoo.caption_loss(dec, img.detach(), ids, mask, 0)
+        loss.backward()
+        opt.step()
+        first = first if first is not None else loss.item()
+    assert loss.item() < 0.5 * first
+
+
+def test_hard_negatives_swap_one_shape_and_count_in_the_loss():
+    from mmkit.data.shapes import SHAPES, ShapesWorld
+
+    world = ShapesWorld(seed=0)
+    for i in range(20):
+        true, hard = world.caption(world.scene("train", i)), zoo.swap_one_shape(world, "train", i)
+        diff = [(a, b) for a, b in zip(true.split(), hard.split()) if a != b]
+        assert len(true.split()) == len(hard.split()) and len(diff) == 1, (true, hard)
+        assert all(w.strip(",.") in SHAPES for w in diff[0])
+    a = torch.randn(8, 16)
+    easy = zoo.clip_loss(a, a, torch.tensor(2.0), hard_txt=-a)
+    close = zoo.clip_loss(a, a, torch.tensor(2.0), hard_txt=a + 0.1 * torch.randn(8, 16))
+    assert zoo.clip_loss(a, a, torch.tensor(2.0)) < easy < close  # a near-copy caption is a harder negative
 
 
 @pytest.mark.slow
@@ -77,3 +163,24 @@ def test_smoke_build_writes_loadable_assets(tmp_path, monkeypatch):
         out = vision(torch.zeros(1, 3, 64, 64))
     assert len(out.hidden_states) == vision.num_layers + 1
     assert json.loads((tmp_path / "tiny" / "report.json").read_text())["smoke"] is True
+
+
+def test_shipped_family_models_build_and_load(tiny_assets, tmp_path):
+    """`mmkit zoo models` (smoke size): a checkpoint folder in fp16 that load_model and the demo read."""
+    from safetensors.torch import load_file
+
+    from mmkit.demo import discover_models
+    from mmkit.train import load_model
+
+    report = zoo.build_models(["llava-tiny"], out=tmp_path, smoke=True, progress=False)
+    d = tmp_path / zoo.MODELS_DIR / "llava-tiny"
+    assert (d / "recipe.json").is_file() and not (d / "trainer_state.pt").exists()
+    weights = load_file(str(d / "model.safetensors"))
+    assert weights and all(v.dtype == torch.float16 for v in weights.values())
+    assert report["llava-tiny"]["bytes"] == sum(f.stat().st_size for f in d.rglob("*") if f.is_file())
+    model = load_model(d)
+    assert isinstance(model.generate([ShapesWorld().sample("test", 0, "vqa")["image"]], "What colour?")[0], str)
+    entries = discover_models([d], shipped=False)
+    assert len(entries) == 1 and entries[0].error is None
+    with pytest.raises(ValueError, match="zoo models"):
+        zoo.build(out=tmp_path, smoke=True, only="llava-tiny")
