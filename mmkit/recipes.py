@@ -440,3 +440,59 @@ def flamingo_hf() -> Recipe:
                   steps=3000, lr=1e-4, batch_size=8, grad_accum=2, warmup_steps=100),
         ],
     )
+
+
+# ---------------------------------------------------------------- encoder-free (Fuyu, EVE)
+@register_recipe("fuyu-tiny")
+def fuyu_tiny() -> Recipe:
+    """Fuyu on the tiny world: no vision encoder; 8x8-pixel patches -> one Linear -> tiny Llama.
+
+    A 64 px image is 8 rows of 8 patch tokens, each row closed by ``|NEWLINE|`` (72 tokens;
+    llava-tiny spends 64). Any size up to ``max_size`` is taken as it is (padded bottom/right).
+    The same schedule and budget as llava-tiny, for a fair comparison: the linear layer alone
+    on captions, then linear + LM on questions.
+    """
+    return Recipe(
+        name="fuyu-tiny",
+        family="fuyu",
+        bridge="fuyu",
+        bridge_kwargs={"patch_size": 8, "max_size": 128},
+        max_length=384,
+        stages=[
+            Stage("align", train=["bridge"], tasks={"caption": 1.0},
+                  steps=100, lr=2e-3, batch_size=32, warmup_steps=10),
+            Stage("instruct", train=["bridge", "lm"], tasks=dict(INSTRUCT_MIX),
+                  steps=800, lr=1e-3, lr_groups={"lm": 5e-4}, batch_size=16, warmup_steps=30),
+        ],
+    )
+
+
+@register_recipe("eve-tiny")
+def eve_tiny() -> Recipe:
+    """EVE on the tiny world: Patch Embedding Layer (4 px conv patches, 2x2 CA1 windows, CLS,
+    SPL) -> tiny Llama; Patch Aligning Layer pulls the LM's image states towards the frozen
+    tiny CLIP ViT (``vision``, layer -2) during stages 1 and 2.
+
+    A 64 px image is 1 + 8 x (8 + 1) = 73 tokens. ``bridge_kwargs["align_weight"]`` weighs
+    the alignment loss (``--set bridge_kwargs.align_weight=0``: EVE without PAL). Stages as in
+    EVE Sec. 3.3, on llava-tiny's total budget: (1) LM frozen, PEL + PAL on captions;
+    (2) everything but the target on captions and questions; (3) SFT without the PAL.
+    """
+    return Recipe(
+        name="eve-tiny",
+        family="eve",
+        bridge="eve",
+        bridge_kwargs={"patch_size": 4, "pool": 2, "dim": 128, "num_heads": 4, "max_size": 128,
+                       "align_weight": 1.0},
+        feature_layer=-2,
+        max_length=384,
+        stages=[
+            Stage("prealign", train=["bridge", "pal"], tasks={"caption": 1.0},
+                  steps=100, lr=2e-3, batch_size=32, warmup_steps=10, objective="lm+align"),
+            Stage("generative", train=["bridge", "pal", "lm"], tasks={"caption": 1.0, **INSTRUCT_MIX},
+                  steps=200, lr=1e-3, lr_groups={"lm": 5e-4}, batch_size=16, warmup_steps=20,
+                  objective="lm+align"),
+            Stage("sft", train=["bridge", "lm"], tasks=dict(INSTRUCT_MIX),
+                  steps=600, lr=1e-3, lr_groups={"lm": 5e-4}, batch_size=16, warmup_steps=20),
+        ],
+    )

@@ -87,23 +87,10 @@ def show_heatmaps(image: Any, maps: Mapping[str, Any] | Any, grid: tuple[int, in
         if stack.ndim == 2 and grid is not None:
             stack = stack.reshape(stack.shape[0], *grid)
         maps = {str(i): m for i, m in enumerate(stack)}
-    items = list(maps.items())
-    if not items:
+    if not maps:
         raise ValueError("show_heatmaps: no maps to draw")
-    cols = max(1, min(cols, len(items)))
-    rows = -(-len(items) // cols)
-    plt = _plt()
-    fig, axes = plt.subplots(rows, cols, figsize=(cols * panel_size, rows * panel_size + (0.4 if title else 0)),
-                             squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
-    for ax, (label, m) in zip(axes.flat, items):
-        ax.imshow(heatmap_array(image, m, grid, alpha=alpha, cmap=cmap), interpolation="nearest")
-        ax.set_title(str(label), fontsize=9)
-    if title:
-        fig.suptitle(title, fontsize=11)
-    fig.tight_layout()
-    return _finish(fig)
+    blended = {str(label): heatmap_array(image, m, grid, alpha=alpha, cmap=cmap) for label, m in maps.items()}
+    return show_images(blended, cols=cols, panel_size=panel_size, title=title)
 
 
 def show_images(images: Mapping[str, Any] | Any, *, cols: int = 4, panel_size: float = 2.4,
