@@ -52,7 +52,7 @@ from mmkit.paths import assets_dir
 from mmkit.train import warmup_cosine
 
 __all__ = ["build", "info", "TextTower", "clip_loss", "image_embedding", "linear_probe", "retrieval_r1",
-           "load_tiny", "VISION_DIR", "LM_DIR", "build_models", "SHIPPED_MODELS", "MODELS_DIR"]
+           "load_tiny", "VISION_DIR", "LM_DIR", "build_models", "ship_checkpoint", "model_report", "SHIPPED_MODELS", "MODELS_DIR"]
 
 VISION_DIR = "tiny/vision"
 LM_DIR = "tiny/lm"
@@ -494,23 +494,59 @@ SHIPPED_MODELS = ("llava-tiny",)
 MODELS_DIR = "tiny/models"
 
 
+def ship_checkpoint(src: str | Path, name: str, out: str | Path | None = None) -> Path:
+    """Copy a trained checkpoint into ``<out>/tiny/models/<name>/`` for shipping.
+
+    Keeps recipe.json, the trained tensors in fp16 (half the bytes; the demo loads them
+    into the fp32 model) and a peft adapter if any; drops the optimizer state. Atomic:
+    written next to the destination, then renamed.
+    """
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from mmkit.train import ADAPTER, RECIPE, WEIGHTS, find_checkpoint
+
+    src = find_checkpoint(src)
+    dst = (Path(out) if out else assets_dir()) / MODELS_DIR / name
+    staging = dst.with_name(dst.name + ".tmp")
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir(parents=True)
+    shutil.copy2(src / RECIPE, staging / RECIPE)
+    weights = {k: (v.half() if v.is_floating_point() else v) for k, v in load_file(str(src / WEIGHTS)).items()}
+    save_file(weights, str(staging / WEIGHTS), metadata={"format": "pt", "dtype": "float16"})
+    if (src / ADAPTER).is_dir():
+        shutil.copytree(src / ADAPTER, staging / ADAPTER)
+    if dst.exists():
+        shutil.rmtree(dst)
+    staging.rename(dst)
+    return dst
+
+
+def model_report(path: str | Path, eval_n: int = 300) -> dict[str, Any]:
+    """VQA accuracy of a shipped model as the demo loads it (fp16-rounded weights)."""
+    from mmkit.eval import evaluate
+    from mmkit.train import load_model
+
+    path = Path(path)
+    vqa = evaluate(load_model(path), "vqa", n=eval_n)
+    return {"vqa": vqa["accuracy"], "vqa_per_type": vqa.get("per_type"), "vqa_n": eval_n,
+            "bytes": sum(f.stat().st_size for f in path.rglob("*") if f.is_file())}
+
+
 def build_models(names: Sequence[str] = SHIPPED_MODELS, out: str | Path | None = None, *,
                  smoke: bool = False, progress: bool = True, eval_n: int = 300) -> dict[str, Any]:
     """Train each named recipe on the tiny world and ship its checkpoint in ``out``.
 
-    Each lands in ``<out>/tiny/models/<recipe>/`` as a checkpoint folder (recipe.json +
-    the trained tensors in fp16 + a peft adapter if any; no optimizer state), which
+    Each lands in ``<out>/tiny/models/<recipe>/`` (``ship_checkpoint``), which
     ``mmkit.train.load_model`` and the demo read. The report (VQA accuracy on ``eval_n``
     test questions, training seconds, size) is merged into report.json under "models".
     """
-    import shutil
     import tempfile
 
-    from safetensors.torch import load_file, save_file
-
-    from mmkit.eval import evaluate
     from mmkit.recipes import apply_overrides, get_recipe
-    from mmkit.train import ADAPTER, RECIPE, WEIGHTS, Trainer, load_model
+    from mmkit.train import Trainer
     from mmkit.vlm import build_model
 
     root = Path(out) if out else assets_dir()
@@ -525,25 +561,9 @@ def build_models(names: Sequence[str] = SHIPPED_MODELS, out: str | Path | None =
             model = build_model(recipe)
             Trainer(model, recipe, tmp, progress=progress).train()
             seconds = time.perf_counter() - t0
-            src = Path(tmp) / "checkpoint"
-            dst = root / MODELS_DIR / name
-            staging = dst.with_name(dst.name + ".tmp")
-            if staging.exists():
-                shutil.rmtree(staging)
-            staging.mkdir(parents=True)
-            shutil.copy2(src / RECIPE, staging / RECIPE)
-            weights = {k: (v.half() if v.is_floating_point() else v) for k, v in load_file(str(src / WEIGHTS)).items()}
-            save_file(weights, str(staging / WEIGHTS), metadata={"format": "pt", "dtype": "float16"})
-            if (src / ADAPTER).is_dir():
-                shutil.copytree(src / ADAPTER, staging / ADAPTER)
-            if dst.exists():
-                shutil.rmtree(dst)
-            staging.rename(dst)
-        shipped = load_model(dst)  # what the demo will load: the fp16-rounded weights
-        vqa = evaluate(shipped, "vqa", n=8 if smoke else eval_n)
-        report[name] = {"vqa": vqa["accuracy"], "vqa_per_type": vqa.get("per_type"),
-                        "train_seconds": round(seconds, 1), "torch_threads": torch.get_num_threads(),
-                        "bytes": sum(f.stat().st_size for f in dst.rglob("*") if f.is_file())}
+            dst = ship_checkpoint(tmp, name, root)
+        report[name] = {**model_report(dst, 8 if smoke else eval_n), "train_seconds": round(seconds, 1),
+                        "torch_threads": torch.get_num_threads()}
     path = root / REPORT
     old = json.loads(path.read_text()) if path.exists() else {}
     old.setdefault("models", {}).update(report)
