@@ -1,0 +1,128 @@
+"""Exercises of notebook 06 (encoder-free: Fuyu and EVE): Fuyu's token layout, EVE's CA1
+windows, and the patch positions the Patch Aligning Layer reads.
+
+    from mmkit.exercises import check, solution
+    check("fuyu_expand", fuyu_expand)
+    check("ca1_windows", ca1_windows)
+    check("eve_patch_states", eve_patch_states)
+"""
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import Callable
+
+import torch
+
+from mmkit.exercises import Exercise, _call, _guard, _say, register
+
+_EXPAND = '''\
+def fuyu_expand(height, width, patch_size, image_id, newline_id):
+    """The ids one padded height x width image becomes in Fuyu's text: for each of the
+    h = height / p rows, w = width / p image tokens and then one newline token."""
+    h, w = height // patch_size, width // patch_size
+    return ([image_id] * w + [newline_id]) * h
+'''
+
+_WINDOWS = '''\
+def ca1_windows(fine, grid, s):
+    """(N, Hf*Wf, C) row-major patches -> (N*h*w, s*s, C): the s x s sub-patches under each
+    window (windows row-major, sub-patches row-major inside a window)."""
+    N, _, C = fine.shape
+    Hf, Wf = grid
+    h, w = Hf // s, Wf // s
+    x = fine.view(N, h, s, w, s, C)             # split rows into (window row, row inside) ...
+    x = x.permute(0, 1, 3, 2, 4, 5)             # ... and bring the two "inside" axes together
+    return x.reshape(N * h * w, s * s, C)
+'''
+
+_STATES = '''\
+def eve_patch_states(x, grid):
+    """One image's 1 + h*(w+1) LM positions (T, D) -> (h, w, D): drop <CLS> (first) and the
+    <SPL> that ends every row."""
+    h, w = grid
+    return x[1:].reshape(h, w + 1, x.shape[-1])[:, :w]
+'''
+
+
+@_guard
+def check_fuyu_expand(fn: Callable) -> bool:
+    """``fuyu_expand(H, W, p, image_id, newline_id)`` against ``FuyuVLM.expand_image``."""
+    from mmkit.encoder_free.fuyu import FuyuVLM, Patchify
+
+    for H, W in [(64, 64), (48, 96), (96, 48), (8, 40)]:
+        stub = SimpleNamespace(image_grid=lambda pv: Patchify(8).grid(pv.shape), image_token_id=5,
+                               newline_token_id=9, image_wrap_ids=None)
+        want = FuyuVLM.expand_image(stub, torch.zeros(3, H, W))
+        got = _call(fn, H, W, 8, 5, 9, what=f"({H}, {W}, 8, 5, 9)")
+        got = list(got)
+        if got == want:
+            continue
+        h, w = H // 8, W // 8
+        if len(got) == h * w:
+            hint = "one newline token ends every row: h * (w + 1) ids, not h * w"
+        elif len(got) == w * (h + 1):
+            hint = "rows come from the height: h = H / p rows of w = W / p patches (you swapped them)"
+        elif got and got[0] == 9:
+            hint = "the newline comes after each row's patches, not before"
+        else:
+            hint = f"expected {h} rows of {w} image ids followed by the newline id"
+        return _say(False, f"a {H} x {W} image (H x W): got {len(got)} ids, expected {len(want)}: {hint}.")
+    return _say(True, "square, wide and tall images laid out row by row, each row closed by |NEWLINE|.")
+
+
+@_guard
+def check_ca1_windows(fn: Callable) -> bool:
+    """``ca1_windows(fine, grid, s)`` against ``mmkit.encoder_free.eve.window_partition``."""
+    from mmkit.encoder_free.eve import window_partition
+
+    torch.manual_seed(0)
+    for N, Hf, Wf, C, s in [(1, 4, 4, 3, 2), (2, 4, 8, 5, 2), (1, 6, 9, 2, 3)]:
+        fine = torch.randn(N, Hf * Wf, C)
+        want = window_partition(fine, (Hf, Wf), s)
+        got = _call(fn, fine, (Hf, Wf), s, what=f"(fine {tuple(fine.shape)}, {(Hf, Wf)}, {s})")
+        if not isinstance(got, torch.Tensor) or tuple(got.shape) != tuple(want.shape):
+            shape = tuple(got.shape) if isinstance(got, torch.Tensor) else type(got).__name__
+            return _say(False, f"a {Hf} x {Wf} grid, {s} x {s} windows: got {shape}, expected {tuple(want.shape)} "
+                               "= (N * windows, s * s, C).")
+        if torch.equal(got, want):
+            continue
+        naive = fine.reshape(N * (Hf * Wf) // (s * s), s * s, C)
+        hint = ("you cut the row-major sequence into consecutive runs of s*s patches; a window's patches "
+                "come from s different rows: view as (N, h, s, w, s, C) and permute") if torch.equal(got, naive) \
+            else "window k must hold exactly the s x s patches under it, in row-major order"
+        return _say(False, f"a {Hf} x {Wf} grid, {s} x {s} windows: right shape, wrong patches: {hint}.")
+    return _say(True, "every window holds the sub-patches under it (2x2 and 3x3, non-square grids).")
+
+
+@_guard
+def check_eve_patch_states(fn: Callable) -> bool:
+    """``eve_patch_states(x, grid)`` against ``mmkit.encoder_free.eve.patch_states``."""
+    from mmkit.encoder_free.eve import patch_states
+
+    for h, w in [(2, 3), (4, 4), (3, 1)]:
+        x = torch.arange(1 + h * (w + 1), dtype=torch.float32)[:, None].repeat(1, 2)  # position ids as features
+        want = patch_states(x, (h, w))
+        got = _call(fn, x, (h, w), what=f"(x {tuple(x.shape)}, {(h, w)})")
+        if isinstance(got, torch.Tensor) and tuple(got.shape) == tuple(want.shape) and torch.equal(got, want):
+            continue
+        kept = sorted(set(int(v) for v in torch.as_tensor(got)[..., 0].flatten().tolist())) \
+            if isinstance(got, torch.Tensor) else []
+        if 0 in kept:
+            hint = "position 0 is <CLS>: drop it"
+        elif any((p - 1) % (w + 1) == w for p in kept if p > 0):
+            hint = f"positions {[1 + r * (w + 1) + w for r in range(h)]} are the <SPL> tokens: drop them"
+        else:
+            hint = f"return shape (h, w, D) = {tuple(want.shape)}"
+        return _say(False, f"grid {h} x {w}: {hint}.")
+    return _say(True, "CLS and every SPL dropped; the patches keep their (row, col) places.")
+
+
+register(Exercise("fuyu_expand", "06_encoder_free",
+                  "fuyu_expand(H, W, p, image_id, newline_id) -> ids: rows of patches, each closed by |NEWLINE|",
+                  check_fuyu_expand), _EXPAND)
+register(Exercise("ca1_windows", "06_encoder_free",
+                  "ca1_windows(fine (N, Hf*Wf, C), grid, s) -> (N*h*w, s*s, C): the sub-patches under each window",
+                  check_ca1_windows), _WINDOWS)
+register(Exercise("eve_patch_states", "06_encoder_free",
+                  "eve_patch_states(x (1+h*(w+1), D), grid) -> (h, w, D): CLS and SPL dropped",
+                  check_eve_patch_states), _STATES)
