@@ -490,7 +490,7 @@ def load_tiny():
 # ---------------------------------------------------------------- shipped family models
 # One trained model per family, small enough to ship in assets/ (weights in fp16), so the
 # demo starts without training. ``mmkit zoo models`` retrains them with their recipes.
-SHIPPED_MODELS = ("llava-tiny",)
+SHIPPED_MODELS = ("llava-tiny", "flamingo-tiny")
 MODELS_DIR = "tiny/models"
 
 
