@@ -145,17 +145,26 @@ class VLM(nn.Module):
             if n_slots:
                 raise MergeError(f"the text has {n_slots} image tokens but no image was given")
             return embeds
-        image_embeds = self.encode_images(pixel_values).to(embeds.dtype)  # (N, T_img, D)
-        if image_embeds.shape[0] * image_embeds.shape[1] != n_slots:
+        per_image = self.image_embeds(pixel_values)  # N_img tensors (T_i, D)
+        n_out = sum(e.shape[0] for e in per_image)
+        if n_out != n_slots:
             raise MergeError(
-                f"the text has {n_slots} image-token positions but the bridge produced "
-                f"{image_embeds.shape[0]} image(s) x {image_embeds.shape[1]} tokens = "
-                f"{image_embeds.shape[0] * image_embeds.shape[1]}; build the text with this "
-                "model's processor so each <image> expands to the right number of tokens"
+                f"the text has {n_slots} image-token positions but the {len(per_image)} image(s) give "
+                f"{' + '.join(str(e.shape[0]) for e in per_image) or 0} = {n_out} image tokens; build the "
+                "text with this model's processor so each <image> expands to the right number of tokens"
             )
         # masked_scatter fills the True positions in row-major order: image 0's tokens
         # first, exactly the order in which the processor laid them out.
-        return embeds.masked_scatter(is_image.unsqueeze(-1), image_embeds.reshape(-1, embeds.shape[-1]))
+        flat = torch.cat(list(per_image)).to(embeds.dtype)  # (sum T_i, D)
+        return embeds.masked_scatter(is_image.unsqueeze(-1), flat)
+
+    def image_embeds(self, pixel_values) -> list[Tensor] | Tensor:
+        """What ``embed`` writes at the image positions: per image, (T_i, D_lm), in order.
+
+        Every image has the same size here, so this is ``encode_images`` (N_img, T_img, D);
+        families whose images differ in size (Fuyu) return a list.
+        """
+        return self.encode_images(pixel_values)
 
     def forward(
         self,

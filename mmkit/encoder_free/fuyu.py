@@ -45,7 +45,7 @@ from torch import Tensor, nn
 from mmkit.bridges import Bridge
 from mmkit.language import NEWLINE_TOKEN
 from mmkit.nn import load_state_dict_strict
-from mmkit.vlm import VLM, MergeError, register_family
+from mmkit.vlm import VLM, register_family
 
 __all__ = ["Patchify", "FuyuPatchEmbed", "FuyuVLM", "build_fuyu", "patchify"]
 
@@ -211,7 +211,10 @@ class FuyuVLM(VLM):
         return self.bridge(pixel_values, self.image_grid(pixel_values))
 
     def image_embeds(self, pixel_values: Tensor | Sequence[Tensor]) -> list[Tensor]:
-        """Per image (T_i, D_lm), in order: one call per group of equal-size images."""
+        """Per image (T_i, D_lm), in order: one call per group of equal-size images.
+
+        ``VLM.embed`` writes them at the image-token positions; the ``|NEWLINE|``
+        positions are not image tokens, so they keep their word embedding."""
         if isinstance(pixel_values, Tensor):
             return list(self.encode_images(pixel_values))
         out: list[Tensor | None] = [None] * len(pixel_values)
@@ -223,29 +226,6 @@ class FuyuVLM(VLM):
             for j, i in enumerate(idx):
                 out[i] = emb[j]
         return out  # type: ignore[return-value]
-
-    # ------------------------------------------------------------------- merge
-    def embed(self, input_ids: Tensor, pixel_values: Tensor | Sequence[Tensor] | None = None) -> Tensor:
-        """Word embeddings with patch embeddings at the image-token positions (B, T, D).
-
-        The ``|NEWLINE|`` positions are not image tokens, so they keep their word embedding.
-        """
-        embeds = self.lm.get_input_embeddings()(input_ids)  # (B, T, D)
-        is_image = input_ids == self.image_token_id  # (B, T)
-        n_slots = int(is_image.sum())
-        if pixel_values is None or (isinstance(pixel_values, (list, tuple)) and not pixel_values):
-            if n_slots:
-                raise MergeError(f"the text has {n_slots} image tokens but no image was given")
-            return embeds
-        per_image = self.image_embeds(pixel_values)
-        n_out = sum(e.shape[0] for e in per_image)
-        if n_out != n_slots:
-            raise MergeError(
-                f"the text has {n_slots} image-token positions but the {len(per_image)} image(s) give "
-                f"{n_out} patch embeddings; build the text with this model's processor so each <image> "
-                "expands to its own rows x (cols + 1) tokens")
-        flat = torch.cat(per_image).to(embeds.dtype)  # (sum T_i, D): image 0's patches first
-        return embeds.masked_scatter(is_image.unsqueeze(-1), flat)
 
     # ----------------------------------------------------------------- inspect
     def explain(self, images: Sequence, messages: str | list[dict], answer: str) -> dict[str, Any]:

@@ -486,7 +486,7 @@ def check_merge_image_tokens(fn: Callable) -> bool:
         emb.weight.copy_(torch.randn(V, D, generator=g))
     image_embeds = torch.randn(3, T_img, D, generator=g) + 10  # (N_img, T_img, D), far from any word
     stub = SimpleNamespace(lm=SimpleNamespace(get_input_embeddings=lambda: emb), image_token_id=IMG,
-                           encode_images=lambda pv: image_embeds)
+                           image_embeds=lambda pv: image_embeds)
     with torch.no_grad():
         want = VLM.embed(stub, ids, torch.zeros(3, 3, 8, 8))  # (B, T, D), the library's merge
         text = emb(ids)
