@@ -44,3 +44,35 @@ def llava_model(tiny_assets):
     from mmkit.vlm import build_model
 
     return build_model(get_recipe("llava-tiny"))
+
+
+@pytest.fixture(scope="session")
+def world():
+    """The default ShapesWorld (deterministic: the same index gives the same sample)."""
+    from mmkit.data.shapes import ShapesWorld
+
+    return ShapesWorld()
+
+
+@pytest.fixture
+def write_llava_data():
+    """``write(records, folder, name="data.json")``: save ShapesWorld records as a LLaVA-format
+    file (.json list or .jsonl) with their images next to it; returns the file's path."""
+    import json
+    from pathlib import Path
+
+    def write(records, folder, name: str = "data.json") -> Path:
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        rows = []
+        for i, r in enumerate(records):
+            r["image"].save(folder / f"{i}.png")
+            rows.append({"id": str(i), "image": f"{i}.png", "conversations": r["conversations"]})
+        path = folder / name
+        if name.endswith(".jsonl"):
+            path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+        else:
+            path.write_text(json.dumps(rows))
+        return path
+
+    return write

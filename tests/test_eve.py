@@ -8,7 +8,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mmkit.data.shapes import ShapesWorld
 from mmkit.encoder_free.eve import PatchEmbeddingLayer
 from mmkit.nn import inspect
 from mmkit.recipes import apply_overrides, get_recipe
@@ -20,11 +19,6 @@ def model(tiny_assets):
 
     torch.manual_seed(0)
     return build_model(get_recipe("eve-tiny")).eval()
-
-
-@pytest.fixture(scope="module")
-def world():
-    return ShapesWorld()
 
 
 def _record(image, question="What colour is the circle?", answer="red"):
@@ -122,18 +116,14 @@ def test_objectives_and_what_learns_in_stage_one(model, world):
 
 
 # ---------------------------------------------------------------------- training
-def test_three_stages_train_align_and_answer(tiny_assets, tmp_path, world):
+def test_three_stages_train_align_and_answer(tiny_assets, tmp_path, world, write_llava_data):
     """eve-tiny's three stages, shortened, on 8 fixed colour questions: the alignment loss
     falls in stage 1 with the LM frozen, and the answers' loss falls overall."""
     from mmkit.train import Trainer, load_model
     from mmkit.vlm import build_model
 
     records = [world.sample("train", i, "vqa", qtype="color") for i in range(8)]
-    for i, r in enumerate(records):
-        r["image"].save(tmp_path / f"{i}.png")
-    data = tmp_path / "colors.json"
-    data.write_text(json.dumps([{"id": str(i), "image": f"{i}.png", "conversations": r["conversations"]}
-                                for i, r in enumerate(records)]))
+    data = write_llava_data(records, tmp_path, "colors.json")
     recipe = apply_overrides(get_recipe("eve-tiny"),
                              ["stages.0.steps=12", "stages.1.steps=6", "stages.2.steps=12", "stages.*.batch_size=8",
                               "stages.*.warmup_steps=2", "stages.*.lr=0.003", "log_every=1",

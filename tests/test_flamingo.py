@@ -111,11 +111,6 @@ def model(tiny_assets):
     return m
 
 
-@pytest.fixture(scope="module")
-def world():
-    return ShapesWorld()
-
-
 def _open_gates(model, value=0.7, dense=None):
     torch.manual_seed(1)
     with torch.no_grad():
@@ -235,19 +230,13 @@ def test_4bit_lm_keeps_the_new_blocks_in_full_precision(tiny_assets, world):
 
 
 # --------------------------------------------------------------------------- training
-def test_training_opens_the_gates_and_lowers_the_loss(tiny_assets, tmp_path, world):
+def test_training_opens_the_gates_and_lowers_the_loss(tiny_assets, tmp_path, world, write_llava_data):
     """A real (short) run through the Trainer on 8 fixed colour questions, LM frozen."""
-    import json
-
     from mmkit.train import Trainer, load_model
     from mmkit.vlm import build_model
 
     records = [world.sample("train", i, "vqa", qtype="color") for i in range(8)]
-    for i, r in enumerate(records):
-        r["image"].save(tmp_path / f"{i}.png")
-    data = tmp_path / "colors.json"
-    data.write_text(json.dumps([{"id": str(i), "image": f"{i}.png", "conversations": r["conversations"]}
-                                for i, r in enumerate(records)]))
+    data = write_llava_data(records, tmp_path, "colors.json")
     recipe = apply_overrides(get_recipe("flamingo-tiny"),
                              ["stages.0.steps=30", "stages.0.batch_size=8", "stages.0.warmup_steps=2",
                               "stages.0.lr=0.005", "log_every=1", f"stages.0.data={data}",

@@ -1,13 +1,11 @@
 """Fuyu: patchify any H x W, one linear layer, a |NEWLINE| after every patch row."""
 from __future__ import annotations
 
-import json
 
 import pytest
 import torch
 from PIL import Image
 
-from mmkit.data.shapes import ShapesWorld
 from mmkit.encoder_free.fuyu import FuyuPatchEmbed, Patchify, patchify
 from mmkit.language import NEWLINE_TOKEN
 from mmkit.recipes import apply_overrides, get_recipe
@@ -19,11 +17,6 @@ def model(tiny_assets):
 
     torch.manual_seed(0)
     return build_model(get_recipe("fuyu-tiny")).eval()
-
-
-@pytest.fixture(scope="module")
-def world():
-    return ShapesWorld()
 
 
 def _record(image, question="What colour is the circle?", answer="red"):
@@ -160,17 +153,13 @@ def test_explain_maps_cover_the_patch_grid_of_a_wide_image(model, world):
 
 
 # ----------------------------------------------------------------------- training
-def test_training_lowers_the_loss_and_reloads(tiny_assets, tmp_path, world):
+def test_training_lowers_the_loss_and_reloads(tiny_assets, tmp_path, world, write_llava_data):
     """A real (short) run of fuyu-tiny through the Trainer on 8 fixed colour questions."""
     from mmkit.train import Trainer, load_model
     from mmkit.vlm import build_model
 
     records = [world.sample("train", i, "vqa", qtype="color") for i in range(8)]
-    for i, r in enumerate(records):
-        r["image"].save(tmp_path / f"{i}.png")
-    data = tmp_path / "colors.json"
-    data.write_text(json.dumps([{"id": str(i), "image": f"{i}.png", "conversations": r["conversations"]}
-                                for i, r in enumerate(records)]))
+    data = write_llava_data(records, tmp_path, "colors.json")
     recipe = apply_overrides(get_recipe("fuyu-tiny"),
                              ["stages.0.steps=5", "stages.1.steps=20", "stages.*.batch_size=8",
                               "stages.*.warmup_steps=2", "stages.1.lr=0.003", "log_every=1",

@@ -178,23 +178,10 @@ def test_base_model_adapter_with_embeddings_round_trips(tiny_assets, tmp_path):
 
 
 # ------------------------------------------------------------------------------ real data
-def _write_llava_folder(root: Path, n: int = 8) -> Path:
-    world = ShapesWorld()
-    (root / "images").mkdir(parents=True)
-    rows = []
-    for i in range(n):
-        rec = world.sample("train", i, "vqa")
-        rec["image"].save(root / "images" / f"{i}.png")
-        rows.append({"id": f"r{i}", "image": f"{i}.png", "conversations": rec["conversations"]})
-    path = root / "train.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
-def test_llava_jsonl_and_saved_datasets_train_through_the_trainer(tiny_assets, tmp_path):
+def test_llava_jsonl_and_saved_datasets_train_through_the_trainer(tiny_assets, tmp_path, world, write_llava_data):
     datasets = pytest.importorskip("datasets")
-    path = _write_llava_folder(tmp_path / "llava")
-    world = ShapesWorld()
+    path = write_llava_data([world.sample("train", i, "vqa") for i in range(8)], tmp_path / "llava" / "images",
+                            "train.jsonl")
     recs = [world.sample("train", 100 + i, "caption") for i in range(6)]
     ds = datasets.Dataset.from_dict({
         "image": [r["image"] for r in recs],

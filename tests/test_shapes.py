@@ -19,11 +19,6 @@ BOX_RE = re.compile(r"<box>\((\d{1,3}),(\d{1,3})\),\((\d{1,3}),(\d{1,3})\)</box>
 WORD_RE = re.compile(r"[a-z0-9]+")
 
 
-@pytest.fixture(scope="module")
-def world() -> ShapesWorld:
-    return ShapesWorld()
-
-
 def _pixels(img) -> np.ndarray:
     return np.asarray(img, dtype=np.int32)
 

@@ -13,12 +13,6 @@ import torch  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
 from mmkit import viz  # noqa: E402
-from mmkit.data.shapes import ShapesWorld  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def world():
-    return ShapesWorld()
 
 
 def test_show_samples(world):

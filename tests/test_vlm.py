@@ -5,14 +5,8 @@ import pytest
 import torch
 
 from mmkit.data.processor import IGNORE_INDEX, ProcessorError, collate
-from mmkit.data.shapes import ShapesWorld
 from mmkit.language import IMAGE_TOKEN
 from mmkit.vlm import MergeError
-
-
-@pytest.fixture(scope="module")
-def world():
-    return ShapesWorld()
 
 
 def test_placeholder_expands_to_bridge_token_count(llava_model, world):
