@@ -164,7 +164,11 @@ def cmd_env(args: argparse.Namespace) -> int:
     try:
         import bitsandbytes as bnb
 
+        from mmkit.quant import nf4_unavailable_reason
+
         info["bitsandbytes"] = bnb.__version__
+        for dev in ["cpu"] + (["cuda"] if torch.cuda.is_available() else []):
+            info[f"4-bit NF4 on {dev}"] = nf4_unavailable_reason(dev) or "works"
     except Exception as e:  # pragma: no cover - depends on the machine
         info["bitsandbytes"] = f"unavailable ({e.__class__.__name__})"
     for k, v in info.items():

@@ -28,7 +28,26 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-__all__ = ["nf4_levels", "quantize_roundtrip", "bits_per_param", "weight_memory_gb", "lora_params"]
+__all__ = ["nf4_levels", "quantize_roundtrip", "bits_per_param", "weight_memory_gb", "lora_params",
+           "nf4_unavailable_reason"]
+
+
+def nf4_unavailable_reason(device: str = "cpu") -> str | None:
+    """None if bitsandbytes' NF4 round trip works on ``device``; else why not.
+
+    bitsandbytes has CPU kernels in recent versions; older builds (or odd machines) do
+    not. ``mmkit env`` and the tests ask this before using 4-bit models.
+    """
+    try:
+        import bitsandbytes.functional as F
+
+        w = torch.randn(64, 64, device=device)
+        q, state = F.quantize_4bit(w, quant_type="nf4")
+        if (F.dequantize_4bit(q, state) - w).abs().mean() > 0.2:
+            return f"bitsandbytes' 4-bit round trip on {device} is inaccurate"
+    except Exception as e:  # noqa: BLE001 - any failure means "not usable here"
+        return f"bitsandbytes 4-bit does not work on {device} here: {type(e).__name__}: {e}"
+    return None
 
 
 def nf4_levels() -> Tensor:

@@ -311,8 +311,8 @@ def export_merged(path: str | Path, out: str | Path) -> Path:
     kept = {n for n in load_file(str(ckpt / WEIGHTS)) if not n.startswith(parent_name + ".")}
     save_file(trainable_state_dict(model, kept), str(tmp / WEIGHTS), metadata={"format": "pt"})
     recipe = Recipe.from_dict({**recipe.to_dict(), "lm": "lm", "lora": None, "quantization": None})
-    recipe.stages = [Stage(**{**asdict_stage, "train": [g for g in asdict_stage["train"] if g != "lora"]})
-                     for asdict_stage in (st.__dict__ for st in recipe.stages)]
+    for stage in recipe.stages:  # there are no adapters any more to train
+        stage.train = [g for g in stage.train if g != "lora"]
     (tmp / RECIPE).write_text(recipe.to_json())
     if out.exists():
         _atomic_dir_swap(tmp, out)

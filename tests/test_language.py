@@ -224,22 +224,10 @@ def test_dtypes_and_bnb_config():
         bnb_config("3bit")
 
 
-def _bnb_cpu_reason() -> str | None:
-    try:
-        import bitsandbytes.functional as F
-
-        w = torch.randn(64, 64)
-        q, state = F.quantize_4bit(w, quant_type="nf4")
-        back = F.dequantize_4bit(q, state)
-        if (back - w).abs().mean() > 0.2:
-            return "bitsandbytes 4-bit round trip on CPU is inaccurate"
-    except Exception as e:  # noqa: BLE001 - any failure means "not supported here"
-        return f"bitsandbytes 4-bit does not work on CPU here: {type(e).__name__}: {e}"
-    return None
-
-
 def test_4bit_load_on_cpu(lm_dir):
-    reason = _bnb_cpu_reason()
+    from mmkit.quant import nf4_unavailable_reason
+
+    reason = nf4_unavailable_reason()
     if reason:
         pytest.skip(reason)
     with warnings.catch_warnings():

@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 from mmkit.cli import main
 from mmkit.data.shapes import ShapesConfig, ShapesWorld
 from mmkit.eval import evaluate
+from mmkit.quant import nf4_unavailable_reason
 from mmkit.recipes import apply_overrides, get_recipe
 from mmkit.train import Trainer, export_merged, load_model
 from mmkit.vlm import build_model
@@ -22,18 +23,8 @@ from mmkit.vlm import build_model
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::DeprecationWarning")
 
 
-def _bnb_cpu_ok() -> bool:
-    try:
-        import bitsandbytes.functional as F
-
-        w = torch.randn(64, 64)
-        q, st = F.quantize_4bit(w, quant_type="nf4")
-        return bool((F.dequantize_4bit(q, st) - w).abs().mean() < 0.2)
-    except Exception:  # noqa: BLE001
-        return False
-
-
-needs_bnb = pytest.mark.skipif(not _bnb_cpu_ok(), reason="bitsandbytes 4-bit does not run on this CPU")
+NF4_MISSING = nf4_unavailable_reason()
+needs_bnb = pytest.mark.skipif(NF4_MISSING is not None, reason=str(NF4_MISSING))
 
 
 def qlora_recipe(steps_align=40, steps_instruct=80, **over):
@@ -48,8 +39,8 @@ def qlora_recipe(steps_align=40, steps_instruct=80, **over):
 
 @pytest.fixture(scope="module")
 def qlora_run(tiny_assets, tmp_path_factory):
-    if not _bnb_cpu_ok():
-        pytest.skip("bitsandbytes 4-bit does not run on this CPU")
+    if NF4_MISSING:
+        pytest.skip(NF4_MISSING)
     out = tmp_path_factory.mktemp("qlora")
     recipe = qlora_recipe()
     torch.manual_seed(0)
