@@ -64,7 +64,7 @@ class ChatError(ValueError):
 def no_model_message() -> str:
     return (
         "No model to chat with yet. Either build the shipped tiny model:\n\n"
-        "    mmkit zoo build --only llava-tiny\n\n"
+        "    mmkit zoo models --only llava-tiny\n\n"
         "or train one and point the demo at it:\n\n"
         "    mmkit train --recipe llava-tiny --out runs/llava-tiny\n"
         "    mmkit demo --checkpoint runs/llava-tiny"

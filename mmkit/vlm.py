@@ -409,7 +409,6 @@ _FAMILY_MODULES = {
     "flamingo": "mmkit.bridges.flamingo",
     "fuyu": "mmkit.encoder_free.fuyu",
     "eve": "mmkit.encoder_free.eve",
-    "native": "mmkit.native.unified",
 }
 
 

@@ -165,7 +165,7 @@ def test_discover_models_lists_shipped_and_reports_bad_folders(demo_ckpt, bad_di
     empty = ModelStore(discover_models([], shipped=False))
     from mmkit.demo import ChatError
 
-    with pytest.raises(ChatError, match="mmkit zoo build --only llava-tiny"):
+    with pytest.raises(ChatError, match="mmkit zoo models --only llava-tiny"):
         empty.get(None)
     assert "mmkit demo --checkpoint" in no_model_message()
 
