@@ -53,6 +53,17 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
     model = load_model(args.checkpoint)
     images = [load_image(p) for p in (args.image or [])]
+    if getattr(model, "writes_images", False):  # a native model may answer with a picture
+        reply = model.generate(images, args.question, max_new_tokens=args.max_new_tokens,
+                               temperature=args.temperature, return_images=True)[0]
+        print(reply["text"])
+        out = Path(args.save_images)
+        for i, im in enumerate(reply["images"]):
+            out.mkdir(parents=True, exist_ok=True)
+            path = out / f"drawn_{i}.png"
+            im.save(path)
+            print(f"[picture {i + 1} saved to {path}]")
+        return 0
     answer = model.generate(images, args.question, max_new_tokens=args.max_new_tokens,
                             temperature=args.temperature)[0]
     print(answer)
@@ -65,7 +76,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from mmkit.train import load_model
 
     model = load_model(args.checkpoint)
-    res = evaluate(model, args.task, split=args.split, n=args.n, blind=args.blind, batch_size=args.batch_size)
+    if args.task == "draw":  # text -> image, judged by the scene parser (native models only)
+        if not getattr(model, "writes_images", False):
+            print(f"{args.checkpoint}: this model cannot draw; --task draw needs a native model (unified-tiny)",
+                  file=sys.stderr)
+            return 2
+        from mmkit.native.unified import evaluate_drawing
+
+        res = evaluate_drawing(model, split=args.split, n=args.n, batch_size=args.batch_size)
+    else:
+        res = evaluate(model, args.task, split=args.split, n=args.n, blind=args.blind, batch_size=args.batch_size)
     if not args.json:
         for k, v in res.items():
             print(f"{k:>12}: {v}")
@@ -195,11 +215,14 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("question")
     c.add_argument("--max-new-tokens", type=int, default=64)
     c.add_argument("--temperature", type=float, default=0.0)
+    c.add_argument("--save-images", default=".", metavar="DIR",
+                   help="where a native model's drawings are saved (drawn_0.png, ...)")
     c.set_defaults(fn=cmd_chat)
 
     e = sub.add_parser("eval", help="evaluate a trained model on ShapesWorld")
     e.add_argument("--checkpoint", required=True)
-    e.add_argument("--task", default="vqa", choices=["vqa", "pope", "ground", "caption"])
+    e.add_argument("--task", default="vqa", choices=["vqa", "pope", "ground", "caption", "draw"],
+                   help="draw: text -> image, for models that write images (unified-tiny)")
     e.add_argument("--split", default="test", choices=["train", "val", "test", "holdout"])
     e.add_argument("--n", type=int, default=200)
     e.add_argument("--batch-size", type=int, default=32)
@@ -220,7 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
     z.add_argument("--out", default=None, help="assets folder to write (default: the shipped assets/)")
     z.add_argument("--smoke", action="store_true", help="a seconds-long build, for tests")
     z.add_argument("--only", default=None,
-                   help="build: vision | lm; models: one recipe name (default: every shipped model)")
+                   help="build: vision | lm | vq; models: one recipe name (default: every shipped model)")
     z.set_defaults(fn=cmd_zoo)
 
     b = sub.add_parser("bench", help="speed benchmarks that print their figures")

@@ -277,9 +277,9 @@ class ChatSession:
         conv, images = [], []
         for t in [*self.turns, *extra]:
             text = t.text
-            if t.images:  # LLaVA convention: the placeholders open the turn that brought them
+            if t.images and t.role == "user":  # LLaVA convention: the placeholders open the turn that brought them
                 text = "\n".join([IMAGE_TOKEN] * len(t.images)) + "\n" + text
-                images += t.images
+            images += t.images  # a native model's drawings: its answer holds their placeholders
             conv.append({"from": "human" if t.role == "user" else "gpt", "value": text})
         return {"id": "chat", "images": images, "conversations": conv}
 
@@ -330,6 +330,9 @@ class ChatSession:
         if turn is None:
             turn = self.check(text, files)
         model = self.model
+        if getattr(model, "writes_images", False):
+            yield from self._draw_or_answer(turn, max_new_tokens, temperature, **gen_kwargs)
+            return
         streamer = TextIteratorStreamer(model.tokenizer, skip_prompt=True, skip_special_tokens=True,
                                         timeout=600.0)
         result: dict[str, Any] = {}
@@ -360,6 +363,29 @@ class ChatSession:
         self.turns += [turn, Turn("assistant", answer)]
         self.last_request = {"record": self.record(), "answer": answer}
         yield answer
+
+    def _draw_or_answer(self, turn: Turn, max_new_tokens: int, temperature: float, **gen_kwargs: Any) -> Iterator[str]:
+        """A model that may answer with a picture (``writes_images``): no token streaming
+        (image codes are not text); the answer comes whole, its pictures in the turn."""
+        model = self.model
+        lock = getattr(model, "_demo_lock", None) or threading.Lock()
+        with lock:
+            try:
+                reply = model.generate(records=[self.record([turn])], max_new_tokens=int(max_new_tokens),
+                                       temperature=float(temperature), return_images=True, **gen_kwargs)[0]
+            except Exception as e:  # noqa: BLE001
+                raise ChatError(f"Generation failed: {type(e).__name__}: {e}") from e
+        answer = reply["text"]
+        self.turns += [turn, Turn("assistant", answer, list(reply["images"]))]
+        self.last_request = {"record": self.record(), "answer": answer}
+        yield answer
+
+    @property
+    def last_drawings(self) -> list:
+        """Pictures the model drew in its last answer (native models), else []."""
+        if self.turns and self.turns[-1].role == "assistant":
+            return list(self.turns[-1].images)
+        return []
 
     def reply(self, text: str | None, files: Sequence[Any] | None = None, **kwargs: Any) -> str:
         """``stream`` consumed: the full answer."""
@@ -424,6 +450,17 @@ def inspect_last(session: ChatSession | None, max_maps: int = 4) -> tuple[list, 
 
 
 # ----------------------------------------------------------------------------- gradio
+def _save_drawing(image) -> str:
+    """A drawn picture as a PNG in Gradio's temporary folder (the chat shows files by path)."""
+    import tempfile
+
+    folder = Path(os.environ.get("GRADIO_TEMP_DIR") or tempfile.gettempdir()) / "mmkit_drawings"
+    folder.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=folder, suffix=".png", delete=False) as f:
+        image.save(f, format="PNG")
+        return f.name
+
+
 def _user_message(turn_text: str, files: Sequence[Any], images_ok: bool) -> list[dict]:
     msgs = []
     for f in files or []:
@@ -483,6 +520,14 @@ def build_app(store: ModelStore | Sequence[str | Path] = (), *, title: str = "mm
             for partial in session.stream(turn=turn, max_new_tokens=max_new_tokens,
                                           temperature=temperature):
                 display[-1] = {"role": "assistant", "content": partial or "…"}
+                yield display, cleared, state
+            drawn = session.last_drawings
+            if drawn:  # a native model drew: show the pictures under its words
+                words = display[-1]["content"].replace(IMAGE_TOKEN, "").strip()
+                display.pop()
+                if words and words != "…":
+                    display.append({"role": "assistant", "content": words})
+                display += [{"role": "assistant", "content": {"path": _save_drawing(im)}} for im in drawn]
                 yield display, cleared, state
             if display[-1]["content"] in ("", "…"):
                 display[-1] = {"role": "assistant", "content": "(the model answered with nothing)"}

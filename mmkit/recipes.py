@@ -77,6 +77,10 @@ class Recipe:
     image_wrap: list[str] | None = None
     max_length: int = 256
     system_prompt: str | None = None
+    # How a record becomes text: "chat" (the LM's chat template) or "document" (plain
+    # text, KOSMOS-1 / PaLM-E); which tokens carry the loss: "assistant" or every "text" token.
+    text_format: str = "chat"
+    loss_on: str = "assistant"
     shapes: dict[str, Any] = field(default_factory=dict)  # ShapesConfig overrides
     stages: list[Stage] = field(default_factory=list)
     lora: dict[str, Any] | None = None  # {"r": 8, "alpha": 16, "dropout": 0.05}
@@ -494,5 +498,80 @@ def eve_tiny() -> Recipe:
                   objective="lm+align"),
             Stage("sft", train=["bridge", "lm"], tasks=dict(INSTRUCT_MIX),
                   steps=600, lr=1e-3, lr_groups={"lm": 5e-4}, batch_size=16, warmup_steps=20),
+        ],
+    )
+
+
+# ------------------------------------------------------- native (KOSMOS-1, PaLM-E, unified)
+# Interleaved documents (several images among the words, "<image>\nA red circle.\n<image>\n...")
+# with captions and questions: what a document-reading model is trained on.
+DOCUMENT_MIX = {"interleaved": 3.0, "caption": 1.0, "vqa": 3.0, "pope": 0.5}
+
+
+@register_recipe("kosmos-tiny")
+def kosmos_tiny() -> Recipe:
+    """KOSMOS-1 on the tiny world: a decoder trained *from scratch* (the tiny LM's config,
+    fresh weights) on interleaved documents, captions and questions, the loss on every text
+    token; images enter through a Perceiver Resampler (16 tokens) between ``<img>`` and
+    ``</img>``. The tiny CLIP ViT stays frozen, as KOSMOS-1's CLIP mostly does.
+    """
+    return Recipe(
+        name="kosmos-tiny",
+        family="interleaved",
+        bridge="perceiver",
+        bridge_kwargs={"num_latents": 16, "depth": 2, "num_heads": 4, "lm_init": "scratch"},
+        image_wrap=["<img>", "</img>"],
+        text_format="document",
+        loss_on="text",
+        max_length=384,
+        stages=[
+            Stage("pretrain", train=["bridge", "lm"], tasks=dict(DOCUMENT_MIX),
+                  steps=1500, lr=1e-3, batch_size=16, warmup_steps=50),
+        ],
+    )
+
+
+@register_recipe("palme-tiny")
+def palme_tiny() -> Recipe:
+    """PaLM-E on the tiny world: the *pre-trained* tiny LM reads "multimodal sentences",
+    image embeddings from an MLP projector placed where each image stands in the text,
+    the loss only on what follows the prefix. llava-tiny's schedule and budget, on
+    documents instead of chats, so the two compare.
+    """
+    return Recipe(
+        name="palme-tiny",
+        family="interleaved",
+        bridge="mlp",
+        bridge_kwargs={"lm_init": "pretrained"},
+        text_format="document",
+        loss_on="assistant",
+        max_length=384,
+        stages=[
+            Stage("align", train=["bridge"], tasks={"caption": 1.0},
+                  steps=100, lr=2e-3, batch_size=32, warmup_steps=10),
+            Stage("multimodal", train=["bridge", "lm"], tasks=dict(DOCUMENT_MIX),
+                  steps=800, lr=1e-3, lr_groups={"lm": 5e-4}, batch_size=16, warmup_steps=30),
+        ],
+    )
+
+
+@register_recipe("unified-tiny")
+def unified_tiny() -> Recipe:
+    """A native discrete-token model on the tiny world (Chameleon / LVM style): one decoder,
+    trained from scratch, over the tiny LM's text vocabulary plus the 64 codes per image of
+    the shipped VQ-VAE (``vision="tiny"``: assets/tiny/vq). One stage and one data mix teach
+    both directions: read (captions, questions) and draw ("Draw a large red circle on the
+    left."). docs/benchmarks.md has what it reaches.
+    """
+    return Recipe(
+        name="unified-tiny",
+        family="unified",
+        vision="tiny",
+        bridge="vq",
+        bridge_kwargs={"lm_init": "scratch", "image_weight": 1.0},
+        max_length=192,
+        stages=[
+            Stage("native", train=["lm"], tasks={"draw": 2.0, "vqa": 3.0, "caption": 1.0, "pope": 0.5},
+                  steps=2000, lr=1e-3, batch_size=16, warmup_steps=50),
         ],
     )

@@ -57,6 +57,9 @@ class VLM(nn.Module):
         image_wrap: optional (open, close) tokens around each image, e.g. Qwen-VL's
             ("<img>", "</img>").
         max_length: longest token sequence the processor builds.
+        text_format / loss_on: how the processor writes a record ("chat" or "document")
+            and which tokens it labels ("assistant" or every "text" token); see
+            ``mmkit.data.processor``. KOSMOS-1 / PaLM-E use documents.
     """
 
     def __init__(
@@ -72,6 +75,8 @@ class VLM(nn.Module):
         image_wrap: tuple[str, str] | None = None,
         max_length: int = 512,
         system_prompt: str | None = None,
+        text_format: str = "chat",
+        loss_on: str = "assistant",
     ):
         super().__init__()
         self.vision = vision
@@ -91,6 +96,8 @@ class VLM(nn.Module):
             self.expand_image,
             max_length=max_length,
             system_prompt=system_prompt,
+            text_format=text_format,
+            loss_on=loss_on,
         )
 
     # ------------------------------------------------------------------ images
@@ -409,6 +416,8 @@ _FAMILY_MODULES = {
     "flamingo": "mmkit.bridges.flamingo",
     "fuyu": "mmkit.encoder_free.fuyu",
     "eve": "mmkit.encoder_free.eve",
+    "interleaved": "mmkit.native.interleaved",
+    "unified": "mmkit.native.unified",
 }
 
 
@@ -461,6 +470,8 @@ def build_model(recipe, *, pretrained: bool = True, device: str | torch.device |
         image_wrap=tuple(recipe.image_wrap) if recipe.image_wrap else None,
         max_length=recipe.max_length,
         system_prompt=recipe.system_prompt,
+        text_format=recipe.text_format,
+        loss_on=recipe.loss_on,
     )
     model.recipe = recipe  # evaluate() builds its ShapesWorld from it (image size, shapes config, seed)
     if recipe.gradient_checkpointing and hasattr(lm, "gradient_checkpointing_enable"):

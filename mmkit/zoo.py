@@ -272,7 +272,7 @@ def lm_corpus(world, split: str, n: int, start: int = 0) -> list[str]:
     from mmkit.language import to_chat_messages
 
     texts = list(world.text_corpus(split, n // 2, start=start))
-    tasks = [t for t in TASKS if t != "interleaved"]
+    tasks = [t for t in TASKS if t not in ("interleaved", "draw")]
     for i in range(n - len(texts)):
         rec = strip_images(world.sample(split, start + i, task=tasks[i % len(tasks)]))
         msgs = to_chat_messages(rec["conversations"])
@@ -438,17 +438,19 @@ def build(out: str | Path | None = None, *, smoke: bool = False, only: str | Non
     from mmkit.data.shapes import ShapesConfig, ShapesWorld
     from mmkit.vision import load_vision_encoder
 
-    if only not in (None, "vision", "lm"):
-        raise ValueError(f"zoo build --only takes 'vision' or 'lm', got {only!r} "
+    if only not in (None, "vision", "lm", "vq"):
+        raise ValueError(f"zoo build --only takes 'vision', 'lm' or 'vq', got {only!r} "
                          "(family models: `mmkit zoo models --only RECIPE`)")
     s = SETTINGS["smoke" if smoke else "full"]
     root = Path(out) if out else assets_dir()
     t0 = time.perf_counter()
     torch.manual_seed(0)
     world = ShapesWorld(ShapesConfig(image_size=64), seed=0)
-    tokenizer = build_tokenizer(world, s)
+    tokenizer = build_tokenizer(world, s) if only != "vq" else None
     report: dict[str, Any] = {"smoke": smoke, "torch_threads": torch.get_num_threads()}
-    if only in (None, "vision"):
+    if only == "vq":
+        pass  # the image tokenizer needs neither the ViT nor the LM
+    elif only in (None, "vision"):
         vision, report["vision"] = train_vision(world, tokenizer, s, progress)
         vision.model.save_pretrained(root / VISION_DIR)
     else:
@@ -459,6 +461,10 @@ def build(out: str | Path | None = None, *, smoke: bool = False, only: str | Non
         lm.save_pretrained(root / LM_DIR)
         tokenizer.save_pretrained(root / LM_DIR)
         report["lm"].update(blind_accuracy(vision, lm, tokenizer, s["blind_n"]))
+    if only in (None, "vq"):  # the VQ-VAE image tokenizer of the native models (mmkit.native.vq)
+        from mmkit.native.vq import VQ_DIR, build_vq
+
+        report["vq"] = build_vq(root / VQ_DIR, smoke=smoke, progress=progress)
     report["total_seconds"] = round(time.perf_counter() - t0, 1)
     path = root / REPORT
     old = json.loads(path.read_text()) if (only and path.exists()) else {}

@@ -32,7 +32,8 @@ def _n_images(rec: dict) -> int:
 def test_vocabulary():
     assert len(COLORS) >= 8 and {"red", "green", "blue", "yellow", "purple", "orange", "pink", "cyan"} <= set(COLORS)
     assert {"circle", "square", "triangle", "star", "diamond", "hexagon"} <= set(SHAPES)
-    assert set(TASKS) == {"caption", "detail", "vqa", "pope", "ground", "region", "ocr", "multi", "interleaved"}
+    assert set(TASKS) == {"caption", "detail", "vqa", "pope", "ground", "region", "ocr", "multi", "interleaved",
+                          "draw"}
     assert SPLITS == ("train", "val", "test", "holdout")
     assert 6 <= len(HOLDOUT_PAIRS) <= 8 and all(c in COLORS and s in SHAPES for c, s in HOLDOUT_PAIRS)
     # colours stay far apart even after +-jitter, and far from every (light) background
@@ -89,8 +90,12 @@ def test_every_task_gives_valid_record(world, task):
             conv = rec["conversations"]
             assert [t["from"] for t in conv] == ["human", "gpt"]
             assert all(isinstance(t["value"], str) and t["value"].strip() for t in conv)
-            assert conv[0]["value"].count("<image>") == _n_images(rec)
-            assert "<image>" not in conv[1]["value"]
+            if task == "draw":  # text -> image: the picture is the answer
+                assert "<image>" not in conv[0]["value"] and conv[1]["value"] == "<image>"
+                assert rec["meta"]["prompt"] in conv[0]["value"]
+            else:
+                assert conv[0]["value"].count("<image>") == _n_images(rec)
+                assert "<image>" not in conv[1]["value"]
             images = rec.get("images", [rec.get("image")])
             assert all(im.mode == "RGB" and im.size == (64, 64) for im in images)
             assert rec["meta"]["task"] == task and rec["meta"]["answer"] == conv[1]["value"]

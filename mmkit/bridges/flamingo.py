@@ -729,6 +729,7 @@ def evaluate_few_shot(model, task: str = "color", shots: Sequence[int] = (0, 2, 
                       return_predictions: bool = False) -> dict[str, Any]:
     """Accuracy per shot count on ``n`` queries (greedy answers, normalised exact match).
 
+    Only the first line of each answer counts (the examples end their answers there).
     Returns ``{"task", "n", "accuracy": {shots: acc}, "format": {shots: share}}`` where
     ``format`` is the share of answers that are one word of the asked kind (a colour for
     "color", a shape for "shape"; for "vqa" any single word): did the model pick up the
@@ -751,7 +752,9 @@ def evaluate_few_shot(model, task: str = "color", shots: Sequence[int] = (0, 2, 
         for s in range(0, n, batch_size):
             preds += model.generate(records=records[s:s + batch_size], max_new_tokens=max_new_tokens)
         gold = [normalize_answer(r["meta"]["answer"]) for r in records]
-        got = [normalize_answer(p) for p in preds]
+        # an answer ends its line: a document model goes on writing the document after it
+        # ("red\n<image>..."), so only the first line is the answer (Flamingo's stop sequence)
+        got = [normalize_answer(p.strip().split("\n")[0]) for p in preds]
         out["accuracy"][k] = sum(g == p for g, p in zip(gold, got)) / max(1, n)
         one_word = [p for p in got if len(p.split()) == 1]
         out["format"][k] = sum(1 for p in one_word if kind is None or p in kind) / max(1, n)

@@ -22,6 +22,17 @@ Every family in mmkit goes through this one file. It does three things:
    position (system prompt, user turns, the template's role markers, image tokens,
    padding) gets ``IGNORE_INDEX = -100``, which ``F.cross_entropy`` skips.
 
+Two switches serve the native models (``mmkit/native``):
+
+* ``text_format="document"`` writes a record as one plain document instead of a chat:
+  ``<bos> turn1 turn2 ... <eos>`` (KOSMOS-1: ``<s> <image> [embeddings] </image> text
+  </s>``). ``loss_on="text"`` then labels *every* text token of the document (KOSMOS-1
+  pre-training); the default ``loss_on="assistant"`` labels only what follows the
+  prefix (PaLM-E).
+* ``label_images=True``: an image placed in an assistant turn is something the model
+  *writes*, so its expansion (discrete image codes) is labelled like text (Chameleon:
+  one softmax over text and image tokens).
+
 ``collate`` pads a list of encoded samples: on the right for training (labels pad
 with -100), on the left for generation (so every prompt ends at the same column and
 the first generated token of every row is produced at the same step).
@@ -111,6 +122,9 @@ class Processor:
         expand: ``(3, H, W) pixel tensor -> list[int]``: the ids one image becomes.
         max_length: longest sequence; longer text is cut from the end, never inside images.
         system_prompt: optional system message put in front of every conversation.
+        text_format: "chat" (the tokenizer's chat template) or "document" (plain text).
+        loss_on: "assistant" (answers only) or "text" (every text token; documents).
+        label_images: label the image ids of images inside assistant turns.
     """
 
     def __init__(
@@ -121,12 +135,22 @@ class Processor:
         *,
         max_length: int = 512,
         system_prompt: str | None = None,
+        text_format: str = "chat",
+        loss_on: str = "assistant",
+        label_images: bool = False,
     ):
+        if text_format not in ("chat", "document"):
+            raise ValueError(f"text_format must be 'chat' or 'document', got {text_format!r}")
+        if loss_on not in ("assistant", "text"):
+            raise ValueError(f"loss_on must be 'assistant' or 'text', got {loss_on!r}")
         self.tokenizer = tokenizer
         self.image_transform = image_transform
         self.expand = expand
         self.max_length = max_length
         self.system_prompt = system_prompt
+        self.text_format = text_format
+        self.loss_on = loss_on
+        self.label_images = label_images
         if IMAGE_TOKEN not in tokenizer.get_vocab():
             raise ProcessorError(
                 f"the tokenizer has no {IMAGE_TOKEN!r} token; load the LM with "
@@ -155,6 +179,8 @@ class Processor:
         """
         if for_generation and messages and messages[-1]["role"] == "assistant":
             messages = messages[:-1]  # the model writes the last answer itself
+        if self.text_format == "document":
+            return self._render_document(messages, for_generation)
         text = self._template(messages, generation_prompt=for_generation)
         spans: list[tuple[int, int]] = []
         if not for_generation:
@@ -170,6 +196,40 @@ class Processor:
                         "cannot be located for the label mask; use a ChatML-style template"
                     )
                 spans.append((len(before), len(upto)))
+        return text, spans
+
+    def _render_document(self, messages: list[dict], for_generation: bool) -> tuple[str, list[tuple[int, int]]]:
+        """The turns as one plain document: ``<bos>`` + the turns + ``<eos>`` (no role markers).
+
+        An answer follows its prompt after a space when the prompt ends with ":" ("Answer:
+        red"), directly when it ends with whitespace, else on a new line. A new line belongs
+        to the prompt; a space is left out of a generation prompt (the model writes " red").
+        """
+        tok = self.tokenizer
+        text = tok.bos_token or ""
+        spans: list[tuple[int, int]] = []
+
+        def sep(t: str) -> str:
+            if not t or t == tok.bos_token or t[-1].isspace():
+                return ""
+            return " " if t.endswith(":") else "\n"
+
+        for m in messages:
+            text += sep(text)
+            if m["role"] == "assistant":
+                start = len(text)
+                text += m["content"]
+                spans.append((start, len(text)))
+            else:
+                text += m["content"]
+        if for_generation:
+            # a space before the answer is left to the model: BPE writes it inside the
+            # answer's first token (" red"), which is what the model saw in training
+            text += sep(text).replace(" ", "")
+        elif tok.eos_token:
+            text += tok.eos_token  # the document's end is predicted too: generation stops there
+            if spans and spans[-1][1] == len(text) - len(tok.eos_token):
+                spans[-1] = (spans[-1][0], len(text))
         return text, spans
 
     # ---------------------------------------------------------------- encode
@@ -207,16 +267,20 @@ class Processor:
         offset = 0
         for k, piece in enumerate(pieces):
             enc = self.tokenizer(piece, add_special_tokens=False, return_offsets_mapping=True)
-            for tok, (a, _b) in zip(enc["input_ids"], enc["offset_mapping"]):
+            for tok, (a, b) in zip(enc["input_ids"], enc["offset_mapping"]):
                 ids.append(tok)
-                pos = offset + a
-                in_answer = any(s <= pos < e for s, e in spans)
+                # a token belongs to the answer by its first character; in a document the
+                # answer follows "Answer:" after a space that BPE glues to it (" red"),
+                # so there the last character decides
+                pos = offset + (max(a, b - 1) if self.text_format == "document" else a)
+                in_answer = self.loss_on == "text" or any(s <= pos < e for s, e in spans)
                 labels.append(tok if in_answer else IGNORE_INDEX)
             offset += len(piece) + len(IMAGE_TOKEN)
             if k < len(images):
                 image_ids = list(self.expand(pixel_values[k]))
                 ids.extend(image_ids)
-                labels.extend([IGNORE_INDEX] * len(image_ids))
+                written = self.label_images and any(s <= offset - len(IMAGE_TOKEN) < e for s, e in spans)
+                labels.extend(image_ids if written else [IGNORE_INDEX] * len(image_ids))
                 images_end = len(ids)
 
         if len(ids) > self.max_length:

@@ -40,6 +40,9 @@ From the scene graph we write text for every task in :data:`TASKS`:
 ``ocr``        "What is written in the image?" -> "KX7"
 ``multi``      two images: "Picture 1: <image>\\nPicture 2: <image>\\nWhich picture has more stars?"
 ``interleaved`` a few-shot document "<image>\\nA red circle.\\n<image>\\nA blue star.\\n<image>\\n"
+``draw``       the other direction, text -> image: "Draw a large red circle on the left." and
+               the picture as the *answer* (``<image>`` in the gpt turn): for models that
+               write images (mmkit.native.unified)
 =============  =====================================================================================
 
 Boxes follow Qwen-VL: integers in ``[0, 1000)``, normalised by the image width and height.
@@ -122,7 +125,7 @@ SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star", "diamond", "h
 SIZES: tuple[str, ...] = ("small", "large")
 SPLITS: tuple[str, ...] = ("train", "val", "test", "holdout")
 TASKS: tuple[str, ...] = (
-    "caption", "detail", "vqa", "pope", "ground", "region", "ocr", "multi", "interleaved",
+    "caption", "detail", "vqa", "pope", "ground", "region", "ocr", "multi", "interleaved", "draw",
 )
 VQA_QTYPES: tuple[str, ...] = ("color", "shape", "count", "relation", "exists")
 POPE_TYPES: tuple[str, ...] = ("random", "popular", "adversarial")
@@ -712,6 +715,8 @@ def parse_caption(text: str, unique: bool = False) -> list[tuple[str | None, str
 
 _T_CAPTION = ("Describe the image briefly.", "Write a short caption for the image.",
               "What is in this picture? Answer in one sentence.", "Give a one-sentence caption.")
+_T_DRAW = ("Draw {desc}.", "Draw a picture of {desc}.", "Make an image of {desc}.",
+           "Paint {desc}.")
 _T_DETAIL = ("Describe the image in detail.", "Give a detailed description of this picture.",
              "Describe every object in the image and where it is.",
              "What do you see? Describe the image carefully.")
@@ -940,6 +945,13 @@ class ShapesWorld:
         return s + "."
 
     @staticmethod
+    def draw_prompt(scene: Scene) -> str:
+        """What to draw, objects left to right, each with where it is:
+        "a large red circle on the left and a small blue star in the top right" """
+        objs = sorted(scene.objects, key=lambda o: (o.cx, o.cy))
+        return _join([f"{o.phrase} {position_phrase(o.cx, o.cy)}" for o in objs])
+
+    @staticmethod
     def detail(scene: Scene) -> str:
         """Detailed description: count, background, each object with position, relations, text."""
         objs = sorted(scene.objects, key=lambda o: (o.cx, o.cy))
@@ -1107,6 +1119,13 @@ class ShapesWorld:
             return self._interleaved(split, index, rng, meta, rid, shots, fmt, qtype, (W, H))
 
         scene = self.scene(split, index, with_text=(task == "ocr"))
+        if task == "draw":                                  # text -> image: the picture is the answer
+            meta.update(answer="<image>", scene=scene, prompt=self.draw_prompt(scene))
+            return {"id": rid, "image": self.render(scene, (W, H)),
+                    "conversations": [
+                        {"from": "human", "value": rng.choice(_T_DRAW).format(desc=meta["prompt"])},
+                        {"from": "gpt", "value": "<image>"}],
+                    "meta": meta}
         if task == "caption":
             q, a = rng.choice(_T_CAPTION), self.caption(scene)
         elif task == "detail":
