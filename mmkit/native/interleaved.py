@@ -101,11 +101,16 @@ def token_budget(model, record: dict) -> dict[str, Any]:
     Works for any model whose processor lays images out as token ids (every prefix model,
     the interleaved family, the unified decoder). Returns ``images`` (how many),
     ``per_image`` (ids each image became, wrap tokens included), ``image_tokens``,
-    ``text_tokens``, ``total`` and ``labelled`` (positions that carry the loss).
+    ``text_tokens``, ``total`` and ``labelled`` (positions that carry the loss), and
+    ``fits``: whether the model's ``max_length`` holds it (counted even when it does not).
     """
+    import copy
+
     from mmkit.data.processor import IGNORE_INDEX, images_of
 
-    enc = model.processor.encode(record)
+    proc = copy.copy(model.processor)
+    proc.max_length = 1 << 30  # count, do not refuse: a long document is what this is for
+    enc = proc.encode(record)
     n_img = len(images_of(record))
     per = [len(model.processor.expand(p)) for p in enc.pixel_values] if n_img else []
     image_tokens = sum(per)
@@ -117,4 +122,5 @@ def token_budget(model, record: dict) -> dict[str, Any]:
         "total": len(enc.input_ids),
         "labelled": sum(1 for t in enc.labels if t != IGNORE_INDEX),
         "placeholders": sum(t["value"].count(IMAGE_TOKEN) for t in record["conversations"]),
+        "fits": len(enc.input_ids) <= model.processor.max_length,
     }

@@ -1,0 +1,1 @@
+"""native multimodal models: vq (VQ-VAE tokenizer), checker, interleaved, unified."""
