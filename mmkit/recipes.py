@@ -571,7 +571,7 @@ def unified_tiny() -> Recipe:
         bridge_kwargs={"lm_init": "scratch", "image_weight": 1.0},
         max_length=192,
         stages=[
-            Stage("native", train=["lm"], tasks={"draw": 2.0, "vqa": 3.0, "caption": 1.0, "pope": 0.5},
-                  steps=2000, lr=1e-3, batch_size=16, warmup_steps=50),
+            Stage("native", train=["lm"], tasks={"draw": 4.0, "vqa": 3.0, "caption": 1.0, "pope": 0.5},
+                  steps=2500, lr=1e-3, batch_size=16, warmup_steps=50),
         ],
     )

@@ -496,7 +496,7 @@ def load_tiny():
 # ---------------------------------------------------------------- shipped family models
 # One trained model per family, small enough to ship in assets/ (weights in fp16), so the
 # demo starts without training. ``mmkit zoo models`` retrains them with their recipes.
-SHIPPED_MODELS = ("llava-tiny", "flamingo-tiny")
+SHIPPED_MODELS = ("llava-tiny", "flamingo-tiny", "unified-tiny")
 MODELS_DIR = "tiny/models"
 
 
@@ -536,9 +536,16 @@ def model_report(path: str | Path, eval_n: int = 300) -> dict[str, Any]:
     from mmkit.train import load_model
 
     path = Path(path)
-    vqa = evaluate(load_model(path), "vqa", n=eval_n)
-    return {"vqa": vqa["accuracy"], "vqa_per_type": vqa.get("per_type"), "vqa_n": eval_n,
-            "bytes": sum(f.stat().st_size for f in path.rglob("*") if f.is_file())}
+    model = load_model(path)
+    vqa = evaluate(model, "vqa", n=eval_n)
+    out = {"vqa": vqa["accuracy"], "vqa_per_type": vqa.get("per_type"), "vqa_n": eval_n,
+           "bytes": sum(f.stat().st_size for f in path.rglob("*") if f.is_file())}
+    if getattr(model, "writes_images", False):  # a native model draws too: judged by the scene parser
+        from mmkit.native.unified import evaluate_drawing
+
+        draw = evaluate_drawing(model, n=max(8, eval_n // 3))
+        out["draw"] = {k: draw[k] for k in ("ok", "object_recall", "color_recall", "drawn", "extra", "n")}
+    return out
 
 
 def build_models(names: Sequence[str] = SHIPPED_MODELS, out: str | Path | None = None, *,

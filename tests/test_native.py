@@ -225,6 +225,13 @@ def test_modality_mask():
     assert ok[1].nonzero().flatten().tolist() == [stop]           # text budget (2) spent outside a picture
     assert ok[2].nonzero().flatten().tolist() == list(range(start, start + K))  # mid-picture: codes only
     assert ok[3].nonzero().flatten().tolist() == list(range(start, start + K))
+    # temperatures: words almost greedy, pictures at their own temperature
+    hot = ModalityMask(start, K, 3, boi, eoi, temperatures=(0.5, 2.0))
+    raw = torch.randn(2, V)
+    out = hot(torch.tensor([[4, 8, 10], [4, 5, 6]]), raw.clone())  # row 0 inside a picture, row 1 in text
+    codes = slice(start, start + K)
+    assert torch.allclose(out[0, codes], raw[0, codes] / 2.0)
+    assert torch.allclose(out[1, :eoi], raw[1, :eoi] / 0.5)  # (<eoi> is masked outside a picture)
     free = ModalityMask(start, K, 3, boi, eoi)(torch.tensor([[4, 5]]), torch.zeros(1, V))
     allowed = torch.isfinite(free[0]).nonzero().flatten().tolist()
     assert boi in allowed and eoi not in allowed and not any(start <= i < start + K for i in allowed)
@@ -282,3 +289,49 @@ def test_unified_recipe_checks(tiny_assets, unified):
     lm, tok = load_language_model("tiny")
     n = len(tok)
     assert torch.equal(m.lm.get_input_embeddings().weight[:n], lm.get_input_embeddings().weight[:n])
+
+
+# ------------------------------------------------------------ the shipped model, chat, CLI
+def _shipped_unified():
+    from mmkit.paths import assets_dir
+
+    path = assets_dir() / "tiny" / "models" / "unified-tiny"
+    if not (path / "model.safetensors").exists():
+        pytest.skip("unified-tiny is not shipped here (`mmkit zoo models --only unified-tiny`)")
+    return path
+
+
+def test_shipped_unified_reads_and_draws_in_the_demo_session(tiny_assets):
+    from mmkit.demo import ChatSession, _save_drawing
+    from mmkit.train import load_model
+
+    model = load_model(_shipped_unified())
+    assert model.writes_images
+    session = ChatSession(model, "unified-tiny")
+    assert session.tokens_per_image == 66
+    torch.manual_seed(0)
+    answer = session.reply("Draw a large red circle on the left.")
+    drawn = session.last_drawings
+    assert answer.count("<image>") == len(drawn) == 1 and drawn[0].size == (64, 64)
+    # the drawing is part of the conversation: the next question reads it back as codes
+    rec = session.record()
+    assert rec["images"] == drawn and rec["conversations"][-1]["value"] == answer
+    follow = session.reply("What colour is the circle?")
+    assert isinstance(follow, str) and session.last_drawings == []
+    assert _save_drawing(drawn[0]).endswith(".png")
+
+
+def test_cli_chat_saves_drawings_and_eval_draw(tiny_assets, tmp_path, capsys):
+    from mmkit.cli import main
+
+    path = _shipped_unified()
+    torch.manual_seed(0)
+    assert main(["chat", "--checkpoint", str(path), "--save-images", str(tmp_path),
+                 "Draw a small blue star at the top."]) == 0
+    out = capsys.readouterr().out
+    assert "saved to" in out and (tmp_path / "drawn_0.png").is_file()
+    assert main(["eval", "--checkpoint", str(path), "--task", "draw", "--n", "4", "--json"]) == 0
+    import json
+
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert res["task"] == "draw" and res["n"] == 4 and res["drawn"] == 1.0

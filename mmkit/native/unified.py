@@ -62,13 +62,17 @@ class ModalityMask:
     So every picture the model starts is complete and well formed, whatever it samples.
     With ``max_text`` (and ``prompt_len``), once that many text tokens were written
     outside pictures only ``stop_ids`` may follow: the text budget does not count pictures.
+    ``temperatures=(text, image)`` divides the logits of each modality (used with
+    sampling): e.g. ``(1e-4, 1.0)`` answers greedily in words but samples the picture.
     """
 
     def __init__(self, code_start: int, num_codes: int, codes_per_image: int, boi_id: int, eoi_id: int,
-                 *, prompt_len: int = 0, max_text: int | None = None, stop_ids: Sequence[int] = ()):
+                 *, prompt_len: int = 0, max_text: int | None = None, stop_ids: Sequence[int] = (),
+                 temperatures: tuple[float, float] | None = None):
         self.code_start, self.code_end = code_start, code_start + num_codes
         self.per_image, self.boi_id, self.eoi_id = codes_per_image, boi_id, eoi_id
         self.prompt_len, self.max_text, self.stop_ids = prompt_len, max_text, list(stop_ids)
+        self.temperatures = temperatures
 
     def state(self, ids: Tensor) -> Tensor:
         """(B, T) ids -> (B,) codes written in the open image, or -1 outside an image."""
@@ -98,6 +102,10 @@ class ModalityMask:
             stop = spent & (n < 0)
             allowed[stop] = False
             allowed[stop.nonzero().flatten()[:, None], torch.tensor(self.stop_ids, device=scores.device)] = True
+        if self.temperatures is not None:
+            t_text, t_image = self.temperatures
+            t = torch.where(writing, t_image, t_text).to(scores.dtype).clamp_min(1e-6)[:, None]  # (B, 1)
+            scores = scores / t
         return scores.masked_fill(~allowed, float("-inf"))
 
 
@@ -246,12 +254,16 @@ class UnifiedLM(nn.Module):
     def generate(self, images: Sequence | None = None, messages: str | list[dict] | None = None, *,
                  records: Sequence[dict] | None = None, max_new_tokens: int = 32, temperature: float = 0.0,
                  top_p: float = 1.0, streamer: Any = None, return_images: bool = False,
-                 **gen_kwargs: Any) -> list[Any]:
+                 image_temperature: float = 1.0, **gen_kwargs: Any) -> list[Any]:
         """Answer (or draw) for one prompt or a batch of ``records``.
 
         ``max_new_tokens`` is the *text* budget; a picture's ``h*w + 2`` tokens come on
-        top, so one picture always fits. Returns the texts (``<image>`` where a picture
-        was drawn) or, with ``return_images=True``, dicts ``{"text", "images"}``.
+        top, so one picture always fits. ``temperature`` is for words (0: greedy),
+        ``image_temperature`` for image codes (0: greedy). Pictures are sampled by
+        default: the most likely code of almost every cell is background, so a greedy
+        picture is an empty canvas (docs/benchmarks.md shows it). Returns the texts
+        (``<image>`` where a picture was drawn) or, with ``return_images=True``, dicts
+        ``{"text", "images"}``.
         """
         from transformers import LogitsProcessorList
 
@@ -261,9 +273,14 @@ class UnifiedLM(nn.Module):
         device = next(self.lm.parameters()).device
         ids = batch["input_ids"].to(device)
         mask = batch["attention_mask"].to(device)
+        sample = temperature > 0 or image_temperature > 0
+        temps = None
+        if sample:  # the guard scales each modality; generate samples at temperature 1
+            temps = (temperature if temperature > 0 else 1e-4, image_temperature if image_temperature > 0 else 1e-4)
         guard = ModalityMask(self.code_start, self.num_codes, self.codes_per_image, self.boi_id, self.eoi_id,
-                             prompt_len=ids.shape[1], max_text=max_new_tokens, stop_ids=self.stop_token_ids())
-        sample = temperature > 0
+                             prompt_len=ids.shape[1], max_text=max_new_tokens, stop_ids=self.stop_token_ids(),
+                             temperatures=temps)
+        temperature = 1.0 if sample else 0.0
         was_training = self.training
         self.eval()
         try:
@@ -378,13 +395,14 @@ def build_unified(recipe, pretrained: bool = True) -> UnifiedLM:
 
 
 def evaluate_drawing(model: UnifiedLM, *, n: int = 100, split: str = "test", world=None, batch_size: int = 16,
-                     temperature: float = 0.0, return_samples: int = 0) -> dict[str, Any]:
+                     image_temperature: float = 1.0, seed: int = 0, return_samples: int = 0) -> dict[str, Any]:
     """Text -> image: ask for ``n`` ShapesWorld "draw" prompts and check each picture.
 
     The checker (``mmkit.native.checker.check_drawing``) parses the drawing back into
     objects with the scene renderer's own colours and shapes. Returns ``ok`` (share of
     drawings in which every described object is found: colour and shape), ``object_recall``
-    (share of described objects found), ``drawn`` (share of replies holding a picture),
+    (share of described objects found), ``color_recall`` (share of described objects whose
+    colour appears in the drawing, whatever the shape), ``drawn`` (share of replies holding a picture),
     ``extra`` (objects drawn but not asked for, per drawing) and optionally
     ``samples``: ``return_samples`` dicts ``{"prompt", "image", "truth", "found", "ok"}``.
     """
@@ -395,13 +413,14 @@ def evaluate_drawing(model: UnifiedLM, *, n: int = 100, split: str = "test", wor
         recipe = getattr(model, "recipe", None)
         cfg = {"image_size": model.image_size[0], **(getattr(recipe, "shapes", {}) or {})}
         world = ShapesWorld(ShapesConfig(**cfg), seed=getattr(recipe, "seed", 0))
+    torch.manual_seed(seed)  # the pictures are sampled: the same seed gives the same drawings
     records = [world.sample(split, i, "draw") for i in range(n)]
     prompts = [{**r, "image": None, "conversations": r["conversations"][:1]} for r in records]
     replies: list[dict] = []
     for s in range(0, n, batch_size):
         replies += model.generate(records=prompts[s:s + batch_size], max_new_tokens=4,
-                                  temperature=temperature, return_images=True)
-    ok = found = wanted = drawn = extra = 0
+                                  image_temperature=image_temperature, return_images=True)
+    ok = found = wanted = drawn = extra = colours = 0
     samples = []
     for r, rep in zip(records, replies):
         scene = r["meta"]["scene"]
@@ -415,12 +434,14 @@ def evaluate_drawing(model: UnifiedLM, *, n: int = 100, split: str = "test", wor
         res = check_drawing(rep["images"][0], scene)
         ok += bool(res["ok"])
         found += len(res["found"])
+        drawn_colours = {o["color"] for o in res["objects"]}
+        colours += sum(o.color in drawn_colours for o in scene.objects)
         extra += len(res["extra"])
         if len(samples) < return_samples:
             samples.append({"prompt": r["meta"]["prompt"], "image": rep["images"][0], "truth": r["image"],
                             "found": res["found"], "ok": bool(res["ok"])})
     out = {"task": "draw", "split": split, "n": n, "ok": ok / max(1, n), "object_recall": found / max(1, wanted),
-           "drawn": drawn / max(1, n), "extra": extra / max(1, drawn)}
+           "color_recall": colours / max(1, wanted), "drawn": drawn / max(1, n), "extra": extra / max(1, drawn)}
     if return_samples:
         out["samples"] = samples
     return out
