@@ -30,7 +30,7 @@ from mmkit.bridges import Bridge
 from mmkit.data.processor import Processor
 from mmkit.language import IMAGE_TOKEN
 
-__all__ = ["VLM", "VLMOutput", "MergeError", "build_model", "register_family", "FAMILIES"]
+__all__ = ["VLM", "VLMOutput", "MergeError", "build_model", "build_prefix", "register_family", "FAMILIES"]
 
 
 class MergeError(ValueError):
@@ -451,18 +451,36 @@ def build_model(recipe, *, pretrained: bool = True, device: str | torch.device |
         if device is not None:
             model.to(device)
         return model
+    torch.manual_seed(recipe.seed)
+    model = build_prefix(recipe, pretrained=pretrained)
+    model.recipe = recipe  # evaluate() builds its ShapesWorld from it (image size, shapes config, seed)
+    if recipe.gradient_checkpointing and hasattr(model.lm, "gradient_checkpointing_enable"):
+        model.lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if device is not None:
+        model.to(device)
+    return model
+
+
+def build_prefix(recipe, *, pretrained: bool = True, bridge_kwargs: dict | None = None, lm_hook=None) -> VLM:
+    """The prefix-path ``VLM`` a recipe describes: vision encoder, LM, a fresh bridge.
+
+    ``bridge_kwargs`` replaces ``recipe.bridge_kwargs`` (a family that keeps its own keys
+    there removes them first); ``lm_hook(lm) -> lm`` may change the LM before the bridge
+    is sized for it (KOSMOS-1: fresh weights).
+    """
     from mmkit.bridges import build_bridge
     from mmkit.language import load_language_model
     from mmkit.vision import load_vision_encoder
 
-    torch.manual_seed(recipe.seed)
     vision = load_vision_encoder(recipe.vision, pretrained=pretrained)
     lm, tokenizer = load_language_model(recipe.lm, quantization=recipe.quantization, lora=recipe.lora,
                                         dtype=recipe.lm_dtype,
                                         gradient_checkpointing=recipe.gradient_checkpointing)
+    if lm_hook is not None:
+        lm = lm_hook(lm)
     bridge = build_bridge(recipe.bridge, vision.hidden_size, lm.config.get_text_config().hidden_size,
-                          **recipe.bridge_kwargs)
-    model = VLM(
+                          **(recipe.bridge_kwargs if bridge_kwargs is None else bridge_kwargs))
+    return VLM(
         vision, bridge, lm, tokenizer,
         feature_layer=recipe.feature_layer,
         image_size=recipe.image_size,
@@ -473,9 +491,3 @@ def build_model(recipe, *, pretrained: bool = True, device: str | torch.device |
         text_format=recipe.text_format,
         loss_on=recipe.loss_on,
     )
-    model.recipe = recipe  # evaluate() builds its ShapesWorld from it (image size, shapes config, seed)
-    if recipe.gradient_checkpointing and hasattr(lm, "gradient_checkpointing_enable"):
-        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if device is not None:
-        model.to(device)
-    return model

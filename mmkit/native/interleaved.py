@@ -35,7 +35,7 @@ from __future__ import annotations
 from typing import Any
 
 from mmkit.language import IMAGE_TOKEN
-from mmkit.vlm import VLM, register_family
+from mmkit.vlm import VLM, build_prefix, register_family
 
 __all__ = ["build_interleaved", "token_budget", "LM_INIT"]
 
@@ -59,10 +59,6 @@ def build_interleaved(recipe, pretrained: bool = True) -> VLM:
     the other ``bridge_kwargs`` go to the bridge (``recipe.bridge``: "perceiver" for
     KOSMOS-1's resampler, "mlp" / "linear" for PaLM-E's projector).
     """
-    from mmkit.bridges import build_bridge
-    from mmkit.language import load_language_model
-    from mmkit.vision import load_vision_encoder
-
     kwargs = dict(recipe.bridge_kwargs)
     lm_init = kwargs.pop("lm_init", "pretrained")
     if lm_init not in LM_INIT:
@@ -73,24 +69,8 @@ def build_interleaved(recipe, pretrained: bool = True) -> VLM:
     if lm_init == "scratch" and (recipe.quantization or recipe.lora):
         raise ValueError(f"recipe {recipe.name!r}: a decoder trained from scratch is trained in full; "
                          "4-bit weights and LoRA adapters only make sense on a pre-trained LM")
-    vision = load_vision_encoder(recipe.vision, pretrained=pretrained)
-    lm, tokenizer = load_language_model(recipe.lm, quantization=recipe.quantization, lora=recipe.lora,
-                                        dtype=recipe.lm_dtype,
-                                        gradient_checkpointing=recipe.gradient_checkpointing)
-    if lm_init == "scratch":
-        lm = _reinitialise(lm)
-    bridge = build_bridge(recipe.bridge, vision.hidden_size, lm.config.get_text_config().hidden_size, **kwargs)
-    model = VLM(
-        vision, bridge, lm, tokenizer,
-        feature_layer=recipe.feature_layer,
-        image_size=recipe.image_size,
-        image_mode=recipe.image_mode,
-        image_wrap=tuple(recipe.image_wrap) if recipe.image_wrap else None,
-        max_length=recipe.max_length,
-        system_prompt=recipe.system_prompt,
-        text_format=recipe.text_format,
-        loss_on=recipe.loss_on,
-    )
+    model = build_prefix(recipe, pretrained=pretrained, bridge_kwargs=kwargs,
+                         lm_hook=_reinitialise if lm_init == "scratch" else None)
     model.lm_init = lm_init
     return model
 

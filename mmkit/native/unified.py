@@ -43,7 +43,7 @@ from torch import Tensor, nn
 
 from mmkit.data.processor import IGNORE_INDEX, Processor
 from mmkit.language import IMAGE_TOKEN
-from mmkit.vlm import VLMOutput, register_family
+from mmkit.vlm import VLM, VLMOutput, register_family
 
 __all__ = ["UnifiedLM", "ModalityMask", "build_unified", "evaluate_drawing", "BOI", "EOI"]
 
@@ -209,18 +209,8 @@ class UnifiedLM(nn.Module):
         ids = {tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>")}
         return sorted(i for i in ids if isinstance(i, int) and i != tok.unk_token_id)
 
-    def prompt_record(self, images: Sequence | None, messages: str | list[dict]) -> dict:
-        """A user message (str) or a message list -> a record (images go in front of a str)."""
-        images = list(images or [])
-        if isinstance(messages, str):
-            text = messages
-            if images and IMAGE_TOKEN not in text:
-                text = "\n".join([IMAGE_TOKEN] * len(images)) + "\n" + text
-            conv = [{"from": "human", "value": text}]
-        else:
-            conv = [{"from": m.get("role", m.get("from")), "value": m.get("content", m.get("value"))}
-                    for m in messages]
-        return {"id": "prompt", "images": images, "conversations": conv}
+    # a user message (str) or a message list -> a record: the same convention as every VLM
+    prompt_record = VLM.prompt_record
 
     def split_reply(self, ids: Sequence[int]) -> dict[str, Any]:
         """Generated ids -> ``{"text", "images"}``; the text has ``<image>`` where a picture is."""
