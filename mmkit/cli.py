@@ -76,16 +76,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from mmkit.train import load_model
 
     model = load_model(args.checkpoint)
-    if args.task == "draw":  # text -> image, judged by the scene parser (native models only)
-        if not getattr(model, "writes_images", False):
-            print(f"{args.checkpoint}: this model cannot draw; --task draw needs a native model (unified-tiny)",
-                  file=sys.stderr)
-            return 2
-        from mmkit.native.unified import evaluate_drawing
-
-        res = evaluate_drawing(model, split=args.split, n=args.n, batch_size=args.batch_size)
-    else:
-        res = evaluate(model, args.task, split=args.split, n=args.n, blind=args.blind, batch_size=args.batch_size)
+    res = evaluate(model, args.task, split=args.split, n=args.n, blind=args.blind, batch_size=args.batch_size)
     if not args.json:
         for k, v in res.items():
             print(f"{k:>12}: {v}")

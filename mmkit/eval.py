@@ -12,6 +12,8 @@ scores the text it writes:
     caption  objects recovered from the caption by ShapesWorld's parser against the
              scene: precision, recall, F1, and CHAIR_i (share of mentioned objects that
              are not in the picture: hallucination)
+    draw     text -> image, for models that write pictures (``writes_images``): each
+             drawing parsed back into objects (``mmkit.native.unified.evaluate_drawing``)
 
 ``blind=True`` asks the same questions with the image removed: the language model's
 priors alone. A bridge is only worth something by how far it beats this baseline.
@@ -26,7 +28,7 @@ from mmkit.language import IMAGE_TOKEN
 
 __all__ = ["evaluate", "TASKS", "strip_images"]
 
-TASKS = ("vqa", "pope", "ground", "caption")
+TASKS = ("vqa", "pope", "ground", "caption", "draw")
 
 
 def strip_images(record: dict) -> dict:
@@ -151,6 +153,13 @@ def evaluate(
     Returns a flat dict: ``task``, ``split``, ``n``, ``blind``, ``seconds`` and the
     task's metrics (see the module docstring).
     """
+    if task == "draw":  # the other direction: the model answers with a picture
+        if not getattr(model, "writes_images", False):
+            raise ValueError("task 'draw' needs a model that writes images (a native model such as "
+                             "unified-tiny); this one only reads them")
+        from mmkit.native.unified import evaluate_drawing
+
+        return evaluate_drawing(model, n=n, split=split, world=world, batch_size=batch_size)
     if task not in _METRICS:
         raise ValueError(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
     if world is None:

@@ -204,6 +204,17 @@ def get_recipe(name: str) -> Recipe:
 INSTRUCT_MIX = {"vqa": 6.0, "pope": 1.0, "caption": 1.0}
 
 
+def llava_schedule(second: str = "instruct", tasks: dict[str, float] | None = None) -> list[Stage]:
+    """llava-tiny's two stages, which the recipes compared with it share (same budget):
+    the bridge alone on captions, then bridge + LM on ``tasks`` (default INSTRUCT_MIX)."""
+    return [
+        Stage("align", train=["bridge"], tasks={"caption": 1.0},
+              steps=100, lr=2e-3, batch_size=32, warmup_steps=10),
+        Stage(second, train=["bridge", "lm"], tasks=dict(tasks or INSTRUCT_MIX),
+              steps=800, lr=1e-3, lr_groups={"lm": 5e-4}, batch_size=16, warmup_steps=30),
+    ]
+
+
 @register_recipe("llava-tiny")
 def llava_tiny() -> Recipe:
     """LLaVA-1.5 on the tiny world: tiny CLIP ViT + MLP projector + tiny Llama.
@@ -214,12 +225,7 @@ def llava_tiny() -> Recipe:
     return Recipe(
         name="llava-tiny",
         bridge="mlp",
-        stages=[
-            Stage("align", train=["bridge"], tasks={"caption": 1.0},
-                  steps=100, lr=2e-3, batch_size=32, warmup_steps=10),
-            Stage("instruct", train=["bridge", "lm"], tasks=dict(INSTRUCT_MIX),
-                  steps=800, lr=1e-3, lr_groups={"lm": 5e-4}, batch_size=16, warmup_steps=30),
-        ],
+        stages=llava_schedule(),
     )
 
 
@@ -462,12 +468,7 @@ def fuyu_tiny() -> Recipe:
         bridge="fuyu",
         bridge_kwargs={"patch_size": 8, "max_size": 128},
         max_length=384,
-        stages=[
-            Stage("align", train=["bridge"], tasks={"caption": 1.0},
-                  steps=100, lr=2e-3, batch_size=32, warmup_steps=10),
-            Stage("instruct", train=["bridge", "lm"], tasks=dict(INSTRUCT_MIX),
-                  steps=800, lr=1e-3, lr_groups={"lm": 5e-4}, batch_size=16, warmup_steps=30),
-        ],
+        stages=llava_schedule(),
     )
 
 
@@ -546,12 +547,7 @@ def palme_tiny() -> Recipe:
         text_format="document",
         loss_on="assistant",
         max_length=384,
-        stages=[
-            Stage("align", train=["bridge"], tasks={"caption": 1.0},
-                  steps=100, lr=2e-3, batch_size=32, warmup_steps=10),
-            Stage("multimodal", train=["bridge", "lm"], tasks=dict(DOCUMENT_MIX),
-                  steps=800, lr=1e-3, lr_groups={"lm": 5e-4}, batch_size=16, warmup_steps=30),
-        ],
+        stages=llava_schedule("multimodal", DOCUMENT_MIX),
     )
 
 

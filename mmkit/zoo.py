@@ -541,9 +541,7 @@ def model_report(path: str | Path, eval_n: int = 300) -> dict[str, Any]:
     out = {"vqa": vqa["accuracy"], "vqa_per_type": vqa.get("per_type"), "vqa_n": eval_n,
            "bytes": sum(f.stat().st_size for f in path.rglob("*") if f.is_file())}
     if getattr(model, "writes_images", False):  # a native model draws too: judged by the scene parser
-        from mmkit.native.unified import evaluate_drawing
-
-        draw = evaluate_drawing(model, n=max(8, eval_n // 3))
+        draw = evaluate(model, "draw", n=max(8, eval_n // 3))
         out["draw"] = {k: draw[k] for k in ("ok", "object_recall", "color_recall", "drawn", "extra", "n")}
     return out
 

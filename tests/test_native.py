@@ -216,9 +216,9 @@ def test_modality_mask():
     guard = ModalityMask(start, K, 3, boi, eoi, prompt_len=2, max_text=2, stop_ids=[stop])
     # prompt = the first 2 ids; rows: a finished set of 3 codes, a closed picture and two
     # words, a picture with 2 codes, a picture with 1 code
-    ids = torch.tensor([[4, 5, 8, 10, 11, 12], [4, 5, 8, 10, 11, 12, 9, 3, 4][3:],
+    ids = torch.tensor([[4, 5, 8, 10, 11, 12],
+                        [4, 5, 8, 9, 3, 4],  # <boi> <eoi> (closed), then 2 text words
                         [4, 5, 3, 8, 10, 11], [4, 5, 3, 4, 8, 10]])
-    ids[1] = torch.tensor([4, 5, 8, 9, 3, 4])  # <boi> <eoi> (closed), then 2 text words
     assert guard.state(ids).tolist() == [3, -1, 2, 1]
     ok = torch.isfinite(guard(ids, torch.zeros(len(ids), V)))
     assert ok[0].nonzero().flatten().tolist() == [eoi]            # all 3 codes: only <eoi>
@@ -335,3 +335,10 @@ def test_cli_chat_saves_drawings_and_eval_draw(tiny_assets, tmp_path, capsys):
 
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert res["task"] == "draw" and res["n"] == 4 and res["drawn"] == 1.0
+
+
+def test_draw_task_needs_a_model_that_writes_images(kosmos):
+    from mmkit.eval import evaluate
+
+    with pytest.raises(ValueError, match="writes images"):
+        evaluate(kosmos, "draw", n=2)

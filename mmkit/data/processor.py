@@ -203,7 +203,8 @@ class Processor:
 
         An answer follows its prompt after a space when the prompt ends with ":" ("Answer:
         red"), directly when it ends with whitespace, else on a new line. A new line belongs
-        to the prompt; a space is left out of a generation prompt (the model writes " red").
+        to the prompt; a space belongs to the answer, because BPE writes it inside the
+        answer's first token (" red"): it is labelled, and left out of a generation prompt.
         """
         tok = self.tokenizer
         text = tok.bos_token or ""
@@ -215,17 +216,16 @@ class Processor:
             return " " if t.endswith(":") else "\n"
 
         for m in messages:
-            text += sep(text)
+            gap = sep(text)
             if m["role"] == "assistant":
+                text += gap.replace(" ", "")  # a new line is the prompt's, a space the answer's
                 start = len(text)
-                text += m["content"]
+                text += gap.replace("\n", "") + m["content"]
                 spans.append((start, len(text)))
             else:
-                text += m["content"]
+                text += gap + m["content"]
         if for_generation:
-            # a space before the answer is left to the model: BPE writes it inside the
-            # answer's first token (" red"), which is what the model saw in training
-            text += sep(text).replace(" ", "")
+            text += sep(text).replace(" ", "")  # the model writes the space with its answer
         elif tok.eos_token:
             text += tok.eos_token  # the document's end is predicted too: generation stops there
             if spans and spans[-1][1] == len(text) - len(tok.eos_token):
@@ -267,12 +267,9 @@ class Processor:
         offset = 0
         for k, piece in enumerate(pieces):
             enc = self.tokenizer(piece, add_special_tokens=False, return_offsets_mapping=True)
-            for tok, (a, b) in zip(enc["input_ids"], enc["offset_mapping"]):
+            for tok, (a, _b) in zip(enc["input_ids"], enc["offset_mapping"]):
                 ids.append(tok)
-                # a token belongs to the answer by its first character; in a document the
-                # answer follows "Answer:" after a space that BPE glues to it (" red"),
-                # so there the last character decides
-                pos = offset + (max(a, b - 1) if self.text_format == "document" else a)
+                pos = offset + a
                 in_answer = self.loss_on == "text" or any(s <= pos < e for s, e in spans)
                 labels.append(tok if in_answer else IGNORE_INDEX)
             offset += len(piece) + len(IMAGE_TOKEN)

@@ -263,21 +263,20 @@ class UnifiedLM(nn.Module):
         device = next(self.lm.parameters()).device
         ids = batch["input_ids"].to(device)
         mask = batch["attention_mask"].to(device)
+        # the guard scales each modality by its own temperature (0 -> ~greedy), so generate
+        # samples at temperature 1 whenever either modality samples
         sample = temperature > 0 or image_temperature > 0
-        temps = None
-        if sample:  # the guard scales each modality; generate samples at temperature 1
-            temps = (temperature if temperature > 0 else 1e-4, image_temperature if image_temperature > 0 else 1e-4)
+        temps = (max(temperature, 1e-4), max(image_temperature, 1e-4)) if sample else None
         guard = ModalityMask(self.code_start, self.num_codes, self.codes_per_image, self.boi_id, self.eoi_id,
                              prompt_len=ids.shape[1], max_text=max_new_tokens, stop_ids=self.stop_token_ids(),
                              temperatures=temps)
-        temperature = 1.0 if sample else 0.0
         was_training = self.training
         self.eval()
         try:
             out = self.lm.generate(
                 input_ids=ids, attention_mask=mask,
                 max_new_tokens=max_new_tokens + self.codes_per_image + 2,
-                do_sample=sample, temperature=temperature if sample else None,
+                do_sample=sample, temperature=1.0 if sample else None,
                 top_p=top_p if sample else None, top_k=None,
                 logits_processor=LogitsProcessorList([guard]),
                 eos_token_id=self.stop_token_ids(), pad_token_id=self.tokenizer.pad_token_id,
