@@ -33,7 +33,7 @@ def test_vocabulary():
     assert len(COLORS) >= 8 and {"red", "green", "blue", "yellow", "purple", "orange", "pink", "cyan"} <= set(COLORS)
     assert {"circle", "square", "triangle", "star", "diamond", "hexagon"} <= set(SHAPES)
     assert set(TASKS) == {"caption", "detail", "vqa", "pope", "ground", "region", "ocr", "multi", "interleaved",
-                          "draw"}
+                          "draw", "chat"}
     assert SPLITS == ("train", "val", "test", "holdout")
     assert 6 <= len(HOLDOUT_PAIRS) <= 8 and all(c in COLORS and s in SHAPES for c, s in HOLDOUT_PAIRS)
     # colours stay far apart even after +-jitter, and far from every (light) background
@@ -88,19 +88,42 @@ def test_every_task_gives_valid_record(world, task):
             assert set(rec) >= {"id", "conversations", "meta"} and isinstance(rec["id"], str)
             assert ("image" in rec) != ("images" in rec)
             conv = rec["conversations"]
+            if task == "chat":  # several human/gpt turns; the image once, in the first question
+                assert [t["from"] for t in conv] == ["human", "gpt"] * (len(conv) // 2) and len(conv) >= 2
+                assert [t["value"].count("<image>") for t in conv] == [1] + [0] * (len(conv) - 1)
+                assert [t["value"] for t in conv[1::2]] == rec["meta"]["answers"]
+                conv = conv[-2:]
             assert [t["from"] for t in conv] == ["human", "gpt"]
             assert all(isinstance(t["value"], str) and t["value"].strip() for t in conv)
             if task == "draw":  # text -> image: the picture is the answer
                 assert "<image>" not in conv[0]["value"] and conv[1]["value"] == "<image>"
                 assert rec["meta"]["prompt"] in conv[0]["value"]
             else:
-                assert conv[0]["value"].count("<image>") == _n_images(rec)
+                asked = [t["value"] for t in rec["conversations"] if t["from"] == "human"]
+                assert sum(v.count("<image>") for v in asked) == _n_images(rec)
                 assert "<image>" not in conv[1]["value"]
             images = rec.get("images", [rec.get("image")])
             assert all(im.mode == "RGB" and im.size == (64, 64) for im in images)
             assert rec["meta"]["task"] == task and rec["meta"]["answer"] == conv[1]["value"]
-            if task in ("vqa", "pope"):
+            if task in ("vqa", "pope", "chat"):
                 assert WORD_RE.fullmatch(conv[1]["value"]), conv[1]["value"]
+
+
+def test_chat_asks_distinct_question_types_of_one_scene(world):
+    """chat = the vqa questions of one scene: each turn a different type, each answer right."""
+    turns = []
+    for i in range(40):
+        rec = world.sample("train", i, "chat")
+        m = rec["meta"]
+        assert len(set(m["qtypes"])) == len(m["qtypes"]) == min(4, len(world._feasible_qtypes(m["scene"])))
+        assert rec["image"].tobytes() == world.render(m["scene"]).tobytes()
+        turns.append(len(m["qtypes"]))
+        for q, a in zip(rec["conversations"][0::2], rec["conversations"][1::2]):
+            if "how many" in q["value"].lower():
+                assert a["value"].isdigit()
+    assert min(turns) >= 2 and max(turns) == 4
+    two = ShapesWorld(ShapesConfig(chat_turns=2), seed=0)
+    assert all(len(two.sample("train", i, "chat")["meta"]["qtypes"]) == 2 for i in range(10))
 
 
 def test_multi_and_interleaved_structure(world):

@@ -58,18 +58,19 @@ def test_shipped_encoder_linear_probe_colour(probe_features):
 
 
 @needs_assets
-@pytest.mark.xfail(strict=True, reason="known gap: mean-pooled over all 64 patches, the object's shape is "
-                   "diluted by the background (0.46 measured, chance 0.17); see docs/benchmarks.md")
 def test_shipped_encoder_linear_probe_shape(probe_features):
+    """Shape from the layer -2 tokens max-pooled: the pooling CLIP trained this encoder with
+    (``zoo.image_embedding``), i.e. the probe on the encoder's own image vector (0.98 measured)."""
     (fx, _, sx), (vx, _, sv) = probe_features
-    assert zoo.linear_probe(fx.mean(1), sx, vx.mean(1), sv) >= 0.95
+    assert zoo.linear_probe(fx.amax(1), sx, vx.amax(1), sv) >= 0.95
 
 
 @needs_assets
-def test_shipped_encoder_patch_tokens_carry_shape(probe_features):
-    """The same layer -2 tokens, max-pooled (no dilution): shape is there (0.89 measured, 700 steps)."""
+@pytest.mark.xfail(strict=True, reason="known gap: mean-pooled over all 64 patches, the object's shape (2-9 "
+                   "patches) is diluted by the background (0.73 measured, chance 0.17); see docs/benchmarks.md")
+def test_shipped_encoder_linear_probe_shape_mean_pooled(probe_features):
     (fx, _, sx), (vx, _, sv) = probe_features
-    assert zoo.linear_probe(fx.amax(1), sx, vx.amax(1), sv) >= 0.85
+    assert zoo.linear_probe(fx.mean(1), sx, vx.mean(1), sv) >= 0.95
 
 
 def test_clip_loss_prefers_matching_pairs():

@@ -43,6 +43,9 @@ From the scene graph we write text for every task in :data:`TASKS`:
 ``draw``       the other direction, text -> image: "Draw a large red circle on the left." and
                the picture as the *answer* (``<image>`` in the gpt turn): for models that
                write images (mmkit.native.unified)
+``chat``       several ``vqa`` questions about one image in one conversation, one question type
+               per turn, as LLaVA-1.5 groups the questions of an image: more answers per
+               image token seen
 =============  =====================================================================================
 
 Boxes follow Qwen-VL: integers in ``[0, 1000)``, normalised by the image width and height.
@@ -125,7 +128,7 @@ SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star", "diamond", "h
 SIZES: tuple[str, ...] = ("small", "large")
 SPLITS: tuple[str, ...] = ("train", "val", "test", "holdout")
 TASKS: tuple[str, ...] = (
-    "caption", "detail", "vqa", "pope", "ground", "region", "ocr", "multi", "interleaved", "draw",
+    "caption", "detail", "vqa", "pope", "ground", "region", "ocr", "multi", "interleaved", "draw", "chat",
 )
 VQA_QTYPES: tuple[str, ...] = ("color", "shape", "count", "relation", "exists")
 POPE_TYPES: tuple[str, ...] = ("random", "popular", "adversarial")
@@ -280,6 +283,7 @@ class ShapesConfig:
     frequency_skew: float = 1.0           # 0 = uniform; 1 = last colour/shape half as frequent
     vqa_qtypes: tuple[str, ...] = VQA_QTYPES
     shots: tuple[int, int] = (1, 3)       # interleaved: min/max in-context examples
+    chat_turns: int = 4                   # chat: at most this many question turns (one per qtype)
     popular_pool: int = 500               # scenes counted to find a split's "popular" objects
 
     def __post_init__(self):
@@ -295,6 +299,8 @@ class ShapesConfig:
             raise ValueError(
                 f"ShapesConfig: need 1 <= min_objects <= max_objects <= 10, got "
                 f"min_objects={self.min_objects}, max_objects={self.max_objects}")
+        if self.chat_turns < 1:
+            raise ValueError(f"ShapesConfig.chat_turns must be >= 1, got {self.chat_turns}")
         lo, hi = self.text_len
         if not 1 <= lo <= hi <= 4:
             raise ValueError(f"ShapesConfig.text_len must satisfy 1 <= min <= max <= 4, got {self.text_len}")
@@ -1119,6 +1125,8 @@ class ShapesWorld:
             return self._interleaved(split, index, rng, meta, rid, shots, fmt, qtype, (W, H))
 
         scene = self.scene(split, index, with_text=(task == "ocr"))
+        if task == "chat":
+            return self._chat(scene, rng, meta, rid, (W, H))
         if task == "draw":                                  # text -> image: the picture is the answer
             meta.update(answer="<image>", scene=scene, prompt=self.draw_prompt(scene))
             return {"id": rid, "image": self.render(scene, (W, H)),
@@ -1173,6 +1181,21 @@ class ShapesWorld:
             "conversations": [{"from": "human", "value": "<image>\n" + q}, {"from": "gpt", "value": a}],
             "meta": meta,
         }
+
+    def _chat(self, scene: Scene, rng: Rng, meta: dict, rid: str, size: tuple[int, int]) -> dict:
+        """Up to ``config.chat_turns`` vqa turns on one scene, each a different question type
+        in a random order; ``<image>`` only in the first human turn."""
+        left, qtypes = self._feasible_qtypes(scene), []
+        while left and len(qtypes) < self.config.chat_turns:
+            qtypes.append(rng.choice(left))
+            left.remove(qtypes[-1])
+        conv, answers = [], []
+        for i, qt in enumerate(qtypes):
+            q, a, _ = self.vqa(scene, rng, qt)
+            conv += [{"from": "human", "value": ("<image>\n" if i == 0 else "") + q}, {"from": "gpt", "value": a}]
+            answers.append(a)
+        meta.update(qtypes=qtypes, answers=answers, answer=answers[-1], scene=scene)
+        return {"id": rid, "image": self.render(scene, size), "conversations": conv, "meta": meta}
 
     def _multi(self, split, index, rng, meta, rid, qtype, size) -> dict:
         if qtype is not None and qtype not in MULTI_QTYPES:
