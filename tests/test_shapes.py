@@ -446,3 +446,14 @@ def test_shapes_module_needs_no_torch():
 def test_benchmark_runs():
     out = benchmark(n=100)
     assert out["samples_per_s"] > 0 and out["n"] == 100
+
+
+def test_a_mix_can_fix_the_question_type(world):
+    recs = world.samples("train", {"vqa/shape": 1.0}, 0, 12)
+    assert all(r["meta"]["task"] == "vqa" and r["meta"]["qtype"] == "shape" for r in recs)
+    mixed = [r["meta"]["qtype"] for r in world.samples("train", {"vqa": 1.0, "vqa/count": 3.0}, 0, 200)]
+    assert mixed.count("count") > 120  # ~3/4 fixed to count + the plain vqa's own count questions
+    assert world.samples("train", "multi/more_shape", 0, 3)[0]["meta"]["qtype"] == "more_shape"
+    for bad in ("vqa/size", "caption/color", "pope/shape"):
+        with pytest.raises(ValueError, match="vqa/TYPE"):
+            world.samples("train", {bad: 1.0}, 0, 1)

@@ -134,6 +134,14 @@ VQA_QTYPES: tuple[str, ...] = ("color", "shape", "count", "relation", "exists")
 POPE_TYPES: tuple[str, ...] = ("random", "popular", "adversarial")
 MULTI_QTYPES: tuple[str, ...] = ("more_shape", "more_objects", "which_has", "both_have")
 
+
+def _known_task(name: str) -> bool:
+    """A task of TASKS, or "vqa/TYPE" / "multi/TYPE" with the question type fixed."""
+    task, slash, qtype = name.partition("/")
+    if not slash:
+        return task in TASKS
+    return qtype in {"vqa": VQA_QTYPES, "multi": MULTI_QTYPES}.get(task, ())
+
 #: Colour-shape pairs that only the ``holdout`` split ever shows (or mentions). Each colour is
 #: held out once and every shape at least once, so train still sees every word many times.
 HOLDOUT_PAIRS: tuple[tuple[str, str], ...] = (
@@ -1289,9 +1297,10 @@ class ShapesWorld:
         if not isinstance(tasks, Mapping):
             tasks = {t: 1.0 for t in tasks}
         names, weights = list(tasks.keys()), [float(w) for w in tasks.values()]
-        bad = [t for t in names if t not in TASKS]
+        bad = [t for t in names if not _known_task(t)]
         if bad:
-            raise ValueError(f"unknown task(s) {bad}; choose from {TASKS} (or 'all')")
+            raise ValueError(f"unknown task(s) {bad}; choose from {TASKS} (or 'all'), or fix a question type "
+                             f"with 'vqa/TYPE' ({', '.join(VQA_QTYPES)}) or 'multi/TYPE' ({', '.join(MULTI_QTYPES)})")
         if any(w < 0 for w in weights) or sum(weights) <= 0:
             raise ValueError(f"task weights must be >= 0 and not all zero, got {dict(zip(names, weights))}")
         return names, weights
@@ -1306,9 +1315,13 @@ class ShapesWorld:
     def samples(self, split: str, tasks: Mapping[str, float] | Sequence[str] | str = "vqa",
                 start: int = 0, n: int = 16, *, size: Size | None = None) -> list[dict]:
         """Records for indices ``start .. start+n-1``; ``tasks`` is a task name, "all", a
-        comma-separated string / list (uniform mix) or ``{task: weight}``."""
-        return [self.sample(split, i, self.choose_task(split, i, tasks), size=size)
-                for i in range(start, start + n)]
+        comma-separated string / list (uniform mix) or ``{task: weight}``. A name may fix the
+        question type: ``{"vqa": 6, "vqa/shape": 2}`` asks shape questions more often."""
+        out = []
+        for i in range(start, start + n):
+            task, _, qtype = self.choose_task(split, i, tasks).partition("/")
+            out.append(self.sample(split, i, task, size=size, qtype=qtype or None))
+        return out
 
     def text_corpus(self, split: str, n: int, start: int = 0) -> list[str]:
         """Plain-text documents for language-model pre-training (no images, no placeholders):
