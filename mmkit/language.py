@@ -89,7 +89,7 @@ __all__ = [
     "IMG_START", "IMG_END", "REF_START", "REF_END", "BOX_START", "BOX_END",
     "NEWLINE_TOKEN", "BOI_TOKEN", "EOI_TOKEN", "RESERVED_TOKENS",
     "CONTROL_TOKENS", "STRUCTURAL_TOKENS", "SPECIAL_TOKENS", "CHATML_TEMPLATE",
-    "build_tiny_tokenizer", "tiny_lm_config", "special_token_ids", "load_language_model",
+    "build_tiny_tokenizer", "tiny_lm_config", "special_token_ids", "split_digits_tokenizer", "load_language_model",
     "add_special_tokens", "find_lora_targets", "apply_lora", "bnb_config",
     "embedding_module_names", "embedding_training_for_new_tokens", "is_adapter_param",
     "compute_dtype_for_device", "to_chat_messages",
@@ -208,6 +208,28 @@ def build_tiny_tokenizer(texts: Iterable[str], vocab_size: int = 2048):
         chat_template=CHATML_TEMPLATE,
         clean_up_tokenization_spaces=False,
     )
+
+
+def split_digits_tokenizer(tokenizer):
+    """Make a fast tokenizer write every digit as its own token ("123" -> "1", "2", "3").
+
+    A byte-level BPE learns whole numbers as tokens ("123", "95"), so a coordinate in
+    [0, 1000) becomes one of ~1000 unrelated ids whose order the LM must learn example by
+    example. Qwen's and Llama's tokenizers split numbers into digits; then the first digit
+    of a box coordinate alone says "which tenth of the image", ten ids shared by every
+    number. The digits are added as a pre-tokenizer step in front of the existing ones, so
+    the vocabulary and the LM's weights stay the same (single digits are in every byte-level
+    vocabulary); only how text is cut changes. Returns the tokenizer (changed in place).
+    """
+    from tokenizers import pre_tokenizers
+
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        raise TypeError(f"split_digits needs a fast (Rust) tokenizer; got {type(tokenizer).__name__}")
+    current = backend.pre_tokenizer
+    steps = [pre_tokenizers.Digits(individual_digits=True)] + ([current] if current is not None else [])
+    backend.pre_tokenizer = pre_tokenizers.Sequence(steps)
+    return tokenizer
 
 
 def special_token_ids(tokenizer) -> dict[str, int | None]:
@@ -510,6 +532,7 @@ def load_language_model(
     extra_tokens: Sequence[str] = (IMAGE_TOKEN, *STRUCTURAL_TOKENS),
     trust_remote_code: bool = False,
     gradient_checkpointing: bool = True,
+    split_digits: bool = False,
 ):
     """Load a causal LM and its tokenizer, ready for multimodal training.
 
@@ -525,6 +548,8 @@ def load_language_model(
         extra_tokens: tokens to guarantee (default ``<image>`` and the structural ones).
         gradient_checkpointing: with ``quantization``, let peft's k-bit preparation turn
             it on (QLoRA's default; recompute activations in backward to save memory).
+        split_digits: tokenize numbers one digit per token (``split_digits_tokenizer``),
+            as Qwen's and Llama's tokenizers do; grounding needs it (box coordinates).
 
     Also: if the tokenizer has no chat template, ChatML is set (with a warning); a
     missing pad token becomes a new ``<|pad|>``; added tokens get mean-initialised
@@ -538,6 +563,8 @@ def load_language_model(
 
     src = resolve_lm_source(name)
     tokenizer = AutoTokenizer.from_pretrained(src, trust_remote_code=trust_remote_code)
+    if split_digits:
+        split_digits_tokenizer(tokenizer)
 
     kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
     if isinstance(dtype, str) and dtype != "auto":

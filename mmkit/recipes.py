@@ -76,6 +76,8 @@ class Recipe:
     image_mode: str = "pad"
     image_wrap: list[str] | None = None
     max_length: int = 256
+    # Tokenize numbers one digit per token, like Qwen / Llama (grounding boxes need it).
+    split_digits: bool = False
     system_prompt: str | None = None
     # How a record becomes text: "chat" (the LM's chat template) or "document" (plain
     # text, KOSMOS-1 / PaLM-E); which tokens carry the loss: "assistant" or every "text" token.

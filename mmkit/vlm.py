@@ -474,6 +474,7 @@ def build_prefix(recipe, *, pretrained: bool = True, bridge_kwargs: dict | None 
 
     vision = load_vision_encoder(recipe.vision, pretrained=pretrained)
     lm, tokenizer = load_language_model(recipe.lm, quantization=recipe.quantization, lora=recipe.lora,
+                                        split_digits=recipe.split_digits,
                                         dtype=recipe.lm_dtype,
                                         gradient_checkpointing=recipe.gradient_checkpointing)
     if lm_hook is not None:

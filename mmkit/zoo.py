@@ -285,6 +285,35 @@ def lm_corpus(world, split: str, n: int, start: int = 0) -> list[str]:
     return texts
 
 
+#: The questions of the reading-comprehension documents: the answer is in the description.
+READING_TASKS = ("vqa", "pope")
+
+
+def reading_corpus(world, split: str, n: int, start: int = 0) -> list[str]:
+    """Reading-comprehension chats: a scene's full text description, then a question about it.
+
+    ``user: "There are two objects ... A small red star is on the left. ...\nWhat shape
+    is the red object?"``, ``assistant: "star"``. The answer is not guessable from the
+    question (the scene is random): the only way to get it right is to look back at the
+    description and copy from it (find "red", read the word after it). That is the skill
+    a VLM's LM needs for a picture, with image tokens in place of the description, and
+    the one a real LLM brings from pre-training; a tiny LM trained only on descriptions and
+    image-free chats never learns it (docs/benchmarks.md, "the text oracle").
+    """
+    from mmkit.data.shapes import Rng
+
+    out = []
+    for i in range(start, start + n):
+        scene, rng = world.scene(split, i), Rng(world._key(split, i, "reading"))
+        task = READING_TASKS[i % len(READING_TASKS)]
+        if task == "vqa" and not world._feasible_qtypes(scene):
+            task = "pope"
+        q, a, _ = world.vqa(scene, rng) if task == "vqa" else world.pope(scene, rng)
+        out.append(f"<|im_start|>user\n{world.detail(scene)}\n{q}<|im_end|>\n"
+                   f"<|im_start|>assistant\n{a}<|im_end|>\n")
+    return out
+
+
 # ------------------------------------------------------------------------------ build
 def build_tokenizer(world, s: dict):
     from mmkit.language import build_tiny_tokenizer
@@ -388,7 +417,9 @@ def train_lm(world, tokenizer, s: dict, progress: bool = True) -> tuple[nn.Modul
     torch.manual_seed(0)
     cfg = tiny_lm_config(len(tokenizer), **special_token_ids(tokenizer))
     lm = LlamaForCausalLM(cfg)
-    texts = lm_corpus(world, "train", s["corpus"])
+    # the tokenizer was trained on lm_corpus alone: reading documents use the same words
+    texts = lm_corpus(world, "train", s["corpus"]) + reading_corpus(world, "train", s.get("reading", 0),
+                                                                     start=s["corpus"])
     ids, mask = _tokenize(tokenizer, texts, 160)
     opt = torch.optim.AdamW(lm.parameters(), lr=3e-3, weight_decay=0.01, betas=(0.9, 0.98))
     g = torch.Generator().manual_seed(1)

@@ -21,6 +21,7 @@ from mmkit.language import (
     find_lora_targets,
     load_language_model,
     special_token_ids,
+    split_digits_tokenizer,
     tiny_lm_config,
     to_chat_messages,
 )
@@ -124,6 +125,19 @@ def test_tiny_lm_config_param_count():
 
 
 # --------------------------------------------------------------------------- loading
+
+
+def test_split_digits(tok, lm_dir):
+    whole = tok(GROUNDING)["input_ids"]
+    assert any(len(tok.decode([i])) > 1 and tok.decode([i]).isdigit() for i in whole)  # BPE merged digits
+    _, t = load_language_model(str(lm_dir), split_digits=True)
+    ids = t(GROUNDING + " 42")["input_ids"]
+    digits = [t.decode([i]) for i in ids if t.decode([i]).strip().isdigit()]
+    assert digits and all(len(d) == 1 for d in digits)  # one token per digit
+    assert "".join(digits) == "120340560780" + "42"
+    assert t.decode(ids) == GROUNDING + " 42" and len(t) == len(tok)  # same text, same vocabulary
+    assert t("<box>")["input_ids"] == tok("<box>")["input_ids"]  # added tokens are untouched
+    assert split_digits_tokenizer(t) is t
 
 
 def test_load_by_path_and_tiny(lm_dir, tok, tmp_path, monkeypatch):

@@ -762,7 +762,8 @@ def _assemble(cls: type, recipe, pretrained: bool) -> VLM:
     from mmkit.vision import load_vision_encoder
 
     vision = load_vision_encoder(recipe.vision, pretrained=pretrained)
-    lm, tokenizer = load_language_model(recipe.lm, quantization=recipe.quantization, lora=recipe.lora)
+    lm, tokenizer = load_language_model(recipe.lm, quantization=recipe.quantization, lora=recipe.lora,
+                                        split_digits=recipe.split_digits)
     if recipe.bridge != "qformer":
         raise ValueError(f"recipe {recipe.name!r}: family {recipe.family!r} needs bridge='qformer', "
                          f"got {recipe.bridge!r}")

@@ -670,7 +670,8 @@ def build_flamingo(recipe, pretrained: bool = True) -> FlamingoVLM:
     kwargs = dict(recipe.bridge_kwargs)
     xattn = {k: kwargs.pop(k) for k in XATTN_KWARGS if k in kwargs}
     vision = load_vision_encoder(recipe.vision, pretrained=pretrained)
-    lm, tokenizer = load_language_model(recipe.lm, quantization=recipe.quantization, lora=recipe.lora)
+    lm, tokenizer = load_language_model(recipe.lm, quantization=recipe.quantization, lora=recipe.lora,
+                                        split_digits=recipe.split_digits)
     resampler = PerceiverResampler(vision.hidden_size, None, **kwargs)
     model = FlamingoVLM(
         vision, resampler, lm, tokenizer, **xattn,

@@ -317,6 +317,7 @@ def build_eve(recipe, pretrained: bool = True) -> EVEVLM:
         raise ValueError(f"recipe {recipe.name!r}: unknown eve bridge_kwargs {sorted(kwargs)}; known: "
                          f"{[*PEL_KWARGS, 'max_size', 'align_weight', 'align_layers']}")
     lm, tokenizer = load_language_model(recipe.lm, quantization=recipe.quantization, lora=recipe.lora,
+                                        split_digits=recipe.split_digits,
                                         dtype=recipe.lm_dtype,
                                         gradient_checkpointing=recipe.gradient_checkpointing)
     lm_dim = lm.config.get_text_config().hidden_size

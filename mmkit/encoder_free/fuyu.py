@@ -265,6 +265,7 @@ def build_fuyu(recipe, pretrained: bool = True) -> FuyuVLM:
         raise ValueError(f"recipe {recipe.name!r}: unknown fuyu bridge_kwargs {sorted(kwargs)}; "
                          "known: patch_size, max_size")
     lm, tokenizer = load_language_model(recipe.lm, quantization=recipe.quantization, lora=recipe.lora,
+                                        split_digits=recipe.split_digits,
                                         dtype=recipe.lm_dtype,
                                         gradient_checkpointing=recipe.gradient_checkpointing)
     patchifier = Patchify(patch_size, max_size)
