@@ -2,7 +2,7 @@
 
     mmkit train --recipe llava-tiny [--out DIR] [--set key=value ...]
     mmkit chat  --checkpoint DIR --image PATH "question"
-    mmkit eval  --checkpoint DIR --task vqa|pope|ground|caption [--split test] [--n N] [--json] [--blind]
+    mmkit eval  --checkpoint DIR --task vqa|pope|ground|caption [--split test] [--n N] [--json] [--blind | --oracle]
     mmkit demo [--checkpoint DIR ...] [--port N] [--share]   the chat demo in the browser
     mmkit zoo build [--out DIR]      retrain the tiny pre-trained ViT and LM from scratch
     mmkit zoo models [--only NAME]   train the family models the demo ships (assets/tiny/models)
@@ -76,7 +76,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from mmkit.train import load_model
 
     model = load_model(args.checkpoint)
-    res = evaluate(model, args.task, split=args.split, n=args.n, blind=args.blind, batch_size=args.batch_size)
+    res = evaluate(model, args.task, split=args.split, n=args.n, blind=args.blind, oracle=args.oracle,
+                   batch_size=args.batch_size)
     if not args.json:
         for k, v in res.items():
             print(f"{k:>12}: {v}")
@@ -218,6 +219,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--n", type=int, default=200)
     e.add_argument("--batch-size", type=int, default=32)
     e.add_argument("--blind", action="store_true", help="ask without the image (the LM-only baseline)")
+    e.add_argument("--oracle", action="store_true",
+                   help="replace the image by the scene's text description (perfect perception, in words)")
     e.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     e.set_defaults(fn=cmd_eval)
 

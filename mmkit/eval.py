@@ -17,6 +17,13 @@ scores the text it writes:
 
 ``blind=True`` asks the same questions with the image removed: the language model's
 priors alone. A bridge is only worth something by how far it beats this baseline.
+
+``oracle=True`` is the other bound: the image is replaced by the scene's full text
+description (``ShapesWorld.detail``: every object with its colour, shape, size and
+place, and every pairwise relation), i.e. perfect perception written in words. What a
+model scores then is what its language model can do with a scene it fully "sees"; a
+bridge cannot lift the model above it. Evaluate a model trained on such text (the text
+oracle in docs/benchmarks.md) to measure the LM's in-context reading on its own.
 """
 from __future__ import annotations
 
@@ -26,7 +33,7 @@ from typing import Any
 
 from mmkit.language import IMAGE_TOKEN
 
-__all__ = ["evaluate", "TASKS", "strip_images"]
+__all__ = ["evaluate", "TASKS", "strip_images", "describe_images"]
 
 TASKS = ("vqa", "pope", "ground", "caption", "draw")
 
@@ -39,6 +46,24 @@ def strip_images(record: dict) -> dict:
         conv.append({**turn, "value": value.strip()})
     out = {k: v for k, v in record.items() if k not in ("image", "images")}
     out["conversations"] = conv
+    return out
+
+
+def describe_images(record: dict, world) -> dict:
+    """The record with its image replaced by the scene's text description (the text oracle).
+
+    ``"<image>\nWhat shape is the red object?"`` becomes ``"There are two objects on a plain
+    light background. A small red star is on the left. ... \nWhat shape is the red object?"``.
+    Needs a one-image ShapesWorld record (``meta["scene"]``).
+    """
+    scene = record.get("meta", {}).get("scene")
+    if scene is None:
+        raise ValueError(f"record {record.get('id')!r}: the text oracle needs a ShapesWorld record with "
+                         "meta['scene'] (one image); multi-image tasks have no single description")
+    out = strip_images(record)
+    first = dict(out["conversations"][0])
+    first["value"] = world.detail(scene) + "\n" + first["value"]
+    out["conversations"] = [first, *out["conversations"][1:]]
     return out
 
 
@@ -144,6 +169,7 @@ def evaluate(
     n: int = 200,
     batch_size: int = 32,
     blind: bool = False,
+    oracle: bool = False,
     world=None,
     max_new_tokens: int | None = None,
     return_predictions: bool = False,
@@ -151,8 +177,11 @@ def evaluate(
     """Score ``model`` on ``n`` ShapesWorld ``split`` samples of ``task``.
 
     Returns a flat dict: ``task``, ``split``, ``n``, ``blind``, ``seconds`` and the
-    task's metrics (see the module docstring).
+    task's metrics (see the module docstring); ``oracle`` when asked with descriptions.
     """
+    if blind and oracle:
+        raise ValueError("evaluate: blind (no image) and oracle (a description instead of the image) "
+                         "exclude each other; pick one")
     if task == "draw":  # the other direction: the model answers with a picture
         if not getattr(model, "writes_images", False):
             raise ValueError("task 'draw' needs a model that writes images (a native model such as "
@@ -170,12 +199,17 @@ def evaluate(
         world = ShapesWorld(ShapesConfig(**cfg), seed=getattr(recipe, "seed", 0))
     shapes_task = "caption" if task == "caption" else task
     records = _records(shapes_task, split, n, world)
-    asked = [strip_images(r) for r in records] if blind else records
+    if oracle:
+        asked = [describe_images(r, world) for r in records]
+    else:
+        asked = [strip_images(r) for r in records] if blind else records
     if max_new_tokens is None:
         max_new_tokens = {"vqa": 6, "pope": 4, "ground": 32, "caption": 40}[task]
     t0 = time.perf_counter()
     preds = _generate(model, asked, batch_size, max_new_tokens)
     out = {"task": task, "split": split, "n": len(records), "blind": blind}
+    if oracle:
+        out["oracle"] = True
     out.update(_METRICS[task](records, preds))
     out["seconds"] = round(time.perf_counter() - t0, 2)
     if return_predictions:

@@ -453,15 +453,30 @@ def train_lm(world, tokenizer, s: dict, progress: bool = True) -> tuple[nn.Modul
     return lm, report
 
 
-def blind_accuracy(vision, lm, tokenizer, n: int) -> dict[str, Any]:
-    """How often the LM alone answers VQA right without seeing the image."""
+def _lm_only(vision, lm, tokenizer):
+    """A VLM around the LM whose bridge is never used (no image is ever passed)."""
     from mmkit.bridges import build_bridge
-    from mmkit.eval import evaluate
     from mmkit.vlm import VLM
 
-    model = VLM(vision, build_bridge("linear", vision.hidden_size, lm.config.hidden_size), lm, tokenizer)
-    res = evaluate(model, "vqa", split="test", n=n, blind=True)
+    return VLM(vision, build_bridge("linear", vision.hidden_size, lm.config.hidden_size), lm, tokenizer)
+
+
+def blind_accuracy(vision, lm, tokenizer, n: int) -> dict[str, Any]:
+    """How often the LM alone answers VQA right without seeing the image."""
+    from mmkit.eval import evaluate
+
+    res = evaluate(_lm_only(vision, lm, tokenizer), "vqa", split="test", n=n, blind=True)
     return {"blind_vqa": round(res["accuracy"], 4), "blind_per_type": {k: round(v, 4) for k, v in res["per_type"].items()}}
+
+
+def reading_accuracy(vision, lm, tokenizer, n: int) -> dict[str, Any]:
+    """How often the LM alone answers VQA right from the scene's text description
+    (``evaluate(..., oracle=True)``): its in-context reading before any image training."""
+    from mmkit.eval import evaluate
+
+    res = evaluate(_lm_only(vision, lm, tokenizer), "vqa", split="test", n=n, oracle=True)
+    return {"reading_vqa": round(res["accuracy"], 4),
+            "reading_per_type": {k: round(v, 4) for k, v in res["per_type"].items()}}
 
 
 def build(out: str | Path | None = None, *, smoke: bool = False, only: str | None = None,
@@ -497,6 +512,7 @@ def build(out: str | Path | None = None, *, smoke: bool = False, only: str | Non
         lm.save_pretrained(root / LM_DIR)
         tokenizer.save_pretrained(root / LM_DIR)
         report["lm"].update(blind_accuracy(vision, lm, tokenizer, s["blind_n"]))
+        report["lm"].update(reading_accuracy(vision, lm, tokenizer, s["blind_n"]))
     if only in (None, "vq"):  # the VQ-VAE image tokenizer of the native models (mmkit.native.vq)
         from mmkit.native.vq import VQ_DIR, build_vq
 

@@ -42,6 +42,27 @@ def test_eval_pope_and_blind(trained, capsys):
     assert {"accuracy", "precision", "recall", "f1", "yes_ratio"} <= res.keys()
 
 
+def test_eval_oracle_replaces_the_image_by_its_description(trained, capsys):
+    from mmkit.data.shapes import ShapesWorld
+    from mmkit.eval import describe_images, evaluate
+    from mmkit.train import load_model
+
+    world = ShapesWorld()
+    rec = world.sample("test", 3, task="vqa")
+    told = describe_images(rec, world)
+    assert "image" not in told and "<image>" not in told["conversations"][0]["value"]
+    assert told["conversations"][0]["value"] == (world.detail(rec["meta"]["scene"]) + "\n"
+                                                  + rec["conversations"][0]["value"].replace("<image>\n", ""))
+    assert told["conversations"][1] == rec["conversations"][1]
+    with pytest.raises(ValueError, match="meta"):
+        describe_images({"id": "x", "conversations": rec["conversations"]}, world)
+    with pytest.raises(ValueError, match="exclude"):
+        evaluate(load_model(trained), "vqa", n=2, blind=True, oracle=True)
+    assert main(["eval", "--checkpoint", str(trained), "--n", "4", "--json", "--oracle"]) == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert res["oracle"] is True and res["n"] == 4
+
+
 def test_errors_are_one_clear_line(tmp_path, capsys):
     assert main(["chat", "--checkpoint", str(tmp_path / "missing"), "hi"]) == 2
     err = capsys.readouterr().err

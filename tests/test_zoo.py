@@ -159,10 +159,26 @@ def test_hard_negatives_swap_one_shape_and_count_in_the_loss():
     assert zoo.clip_loss(a, a, torch.tensor(2.0)) < easy < close  # a near-copy caption is a harder negative
 
 
+def test_reading_corpus_answers_from_its_description():
+    """Each reading document holds a scene's description, a question, and an answer found in it."""
+    from mmkit.data.shapes import ShapesConfig, ShapesWorld
+
+    world = ShapesWorld(ShapesConfig(image_size=64), seed=0)
+    docs = zoo.reading_corpus(world, "train", 12, start=100)
+    assert docs == zoo.reading_corpus(world, "train", 12, start=100)  # deterministic
+    assert len(docs) == 12 and len(set(docs)) == 12
+    for doc in docs:
+        user, assistant = doc.split("<|im_start|>assistant\n")
+        assert user.startswith("<|im_start|>user\nThere ") and "<image>" not in doc
+        answer = assistant.removesuffix("<|im_end|>\n")
+        assert answer in ("yes", "no") or answer.isdigit() or answer in user.split("\n")[1]  # in the description
+
+
 @pytest.mark.slow
 def test_smoke_build_writes_loadable_assets(tmp_path, monkeypatch):
     report = zoo.build(out=tmp_path, smoke=True, progress=False)
     assert {"vision", "lm"} <= report.keys() and report["smoke"] is True
+    assert {"blind_vqa", "reading_vqa", "reading_per_type"} <= report["lm"].keys()
     monkeypatch.setenv("MMKIT_ASSETS", str(tmp_path))
     vision, lm, tok = zoo.load_tiny()
     with torch.no_grad():
