@@ -286,7 +286,8 @@ def qwenvl_tiny() -> Recipe:
     The encoder was trained at 64 px (8x8 patches); at 128 px it sees 16x16 patches (its
     position table resized), and the adapter's 64 queries (an 8x8 grid, the encoder's
     native one) compress the 256 patches to 64 tokens, like Qwen-VL's 256 queries over
-    a 448 px ViT (Qwen-VL Sec. 2.1). Images are wrapped in <img> </img>. Stage 1
+    a 448 px ViT (Qwen-VL Sec. 2.1). Images are wrapped in <img> </img>; numbers (box
+    corners) are tokenized one digit per token, as Qwen's tokenizer does. Stage 1
     (Qwen-VL's pre-training) trains the adapter alone on captions and boxes; stage 2
     (multi-task) adds the LM on questions, grounding, region descriptions and captions.
     docs/benchmarks.md has what it reaches.
@@ -297,6 +298,7 @@ def qwenvl_tiny() -> Recipe:
         bridge_kwargs={"num_queries": 64, "num_heads": 4},
         image_size=128,
         image_wrap=["<img>", "</img>"],
+        split_digits=True,  # Qwen's tokenizer writes one digit per token: box corners are digits
         max_length=256,
         stages=[
             Stage("pretrain", train=["bridge"], tasks={"caption": 1.0, "ground": 1.0},
