@@ -63,6 +63,10 @@ REPORT = "tiny/report.json"
 # same seed): max-pooled shape probe 0.89 for 700 steps without them, 0.946 with them, 0.98
 # for the shipped 1000 (mean-pooled 0.50 / 0.61 / 0.73); the price is build time (12.9 min
 # with the LM, vs 10.5 min at 800 steps for 0.942).
+# Optional keys, absent from both (what the shipped assets were built without): "reading"
+# (that many reading_corpus documents join the LM's corpus), "lm_config" (tiny_lm_config
+# overrides, e.g. a wider LM), "clip_lr", "stem" ("conv"), "cap_weight" / "cap_parallel"
+# (a CapPa-style captioning loss next to CLIP's). docs/benchmarks.md measures each.
 SETTINGS: dict[str, dict[str, Any]] = {
     "full": dict(corpus=20_000, vocab=2048, clip_images=16_000, clip_steps=1000, clip_batch=96, hard_negatives=True,
                  lm_steps=600, lm_batch=32, probe_train=1500, probe_test=500, blind_n=300, ppl_n=500),
@@ -415,7 +419,7 @@ def train_lm(world, tokenizer, s: dict, progress: bool = True) -> tuple[nn.Modul
     from mmkit.language import special_token_ids, tiny_lm_config
 
     torch.manual_seed(0)
-    cfg = tiny_lm_config(len(tokenizer), **special_token_ids(tokenizer))
+    cfg = tiny_lm_config(len(tokenizer), **special_token_ids(tokenizer), **s.get("lm_config", {}))
     lm = LlamaForCausalLM(cfg)
     # the tokenizer was trained on lm_corpus alone: reading documents use the same words
     texts = lm_corpus(world, "train", s["corpus"]) + reading_corpus(world, "train", s.get("reading", 0),
