@@ -174,6 +174,17 @@ def test_reading_corpus_answers_from_its_description():
         assert answer in ("yes", "no") or answer.isdigit() or answer in user.split("\n")[1]  # in the description
 
 
+def test_train_lm_takes_its_size_and_reading_documents_from_the_settings(tiny_assets):
+    from mmkit.data.shapes import ShapesConfig, ShapesWorld
+
+    world = ShapesWorld(ShapesConfig(image_size=64), seed=0)
+    _, _, tok = zoo.load_tiny()
+    s = dict(zoo.SETTINGS["smoke"], lm_steps=1, corpus=40, ppl_n=8, reading=8,
+             lm_config={"hidden_size": 64, "num_heads": 2, "intermediate_size": 128, "num_layers": 1})
+    lm, report = zoo.train_lm(world, tok, s, progress=False)
+    assert (lm.config.hidden_size, lm.config.num_hidden_layers) == (64, 1) and report["steps"] == 1
+
+
 @pytest.mark.slow
 def test_smoke_build_writes_loadable_assets(tmp_path, monkeypatch):
     report = zoo.build(out=tmp_path, smoke=True, progress=False)
