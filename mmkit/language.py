@@ -549,7 +549,7 @@ def load_language_model(
         gradient_checkpointing: with ``quantization``, let peft's k-bit preparation turn
             it on (QLoRA's default; recompute activations in backward to save memory).
         split_digits: tokenize numbers one digit per token (``split_digits_tokenizer``),
-            as Qwen's and Llama's tokenizers do; grounding needs it (box coordinates).
+            as Qwen's and Llama's tokenizers do (box corners become digits).
 
     Also: if the tokenizer has no chat template, ChatML is set (with a warning); a
     missing pad token becomes a new ``<|pad|>``; added tokens get mean-initialised

@@ -76,7 +76,7 @@ class Recipe:
     image_mode: str = "pad"
     image_wrap: list[str] | None = None
     max_length: int = 256
-    # Tokenize numbers one digit per token, like Qwen / Llama (grounding boxes need it).
+    # Tokenize numbers one digit per token, like Qwen / Llama (box corners become digits).
     split_digits: bool = False
     system_prompt: str | None = None
     # How a record becomes text: "chat" (the LM's chat template) or "document" (plain

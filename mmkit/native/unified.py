@@ -365,7 +365,8 @@ def build_unified(recipe, pretrained: bool = True) -> UnifiedLM:
     if recipe.quantization or recipe.lora:
         raise ValueError(f"recipe {recipe.name!r}: the unified decoder is trained in full (no 4-bit, no LoRA)")
     vq = load_vqvae(recipe.vision)
-    lm, tokenizer = load_language_model(recipe.lm, dtype=recipe.lm_dtype)
+    lm, tokenizer = load_language_model(recipe.lm, dtype=recipe.lm_dtype,
+                                        split_digits=recipe.split_digits)
     code_start = len(tokenizer)
     if lm_init == "scratch":
         config = lm.config
