@@ -22,8 +22,10 @@ The adapter (one cross-attention layer, Sec. 2.1)::
 Why "position-aware": compressing h*w patches into Q tokens throws away *where* things
 were unless something keeps it. The sin-cos terms make the score q.k larger when a
 query's cell and a patch's position are close (sin-cos embeddings of nearby positions
-have large dot products), so query i starts out reading its own part of the image, and
-the LM can tell the queries apart by where they looked. Grounding (writing box
+have large dot products), so query i *can* learn to read its own part of the image, and
+the LM can then tell the queries apart by where they looked. (It is a prior, not a given:
+through a fresh adapter's random W_q, W_k little of it survives; docs/benchmarks.md
+measures how local the trained attention is.) Grounding (writing box
 coordinates) needs exactly that. Qwen-VL's ViT is trained at 224 px (16x16 patches =
 the 256 queries' grid) and then run at 448 px (32x32): the key positions are resized,
 the queries stay. The tiny world does the same: 64 queries on the 64 px encoder's 8x8
