@@ -48,6 +48,9 @@ class Stage:
     data: str | None = None
     image_folder: str | None = None
     data_options: dict[str, Any] = field(default_factory=dict)
+    # ShapesConfig overrides for this stage only, on top of Recipe.shapes: a curriculum
+    # (e.g. {"max_objects": 1} for a first stage of one-object scenes).
+    shapes: dict[str, Any] = field(default_factory=dict)
     # What the model's forward optimises: "lm" (next-token loss on the answers) or a
     # family's own objective, passed as ``model(**batch, objective=...)`` (BLIP-2
     # stage 1: "itc+itm+itg"; EVE: "lm+align").

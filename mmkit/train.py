@@ -85,7 +85,7 @@ class TrainData:
         else:
             from mmkit.data.shapes import ShapesConfig, ShapesWorld
 
-            cfg = ShapesConfig(**{"image_size": recipe.image_size, **recipe.shapes})
+            cfg = ShapesConfig(**{"image_size": recipe.image_size, **recipe.shapes, **stage.shapes})
             self.world = ShapesWorld(cfg, seed=recipe.seed)
 
     def batch(self, step: int, micro: int, rank: int = 0, world_size: int = 1) -> list[dict]:

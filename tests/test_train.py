@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from mmkit.recipes import Recipe, Stage, apply_overrides, get_recipe
-from mmkit.train import (Callback, CheckpointError, StopTraining, Trainer, find_checkpoint,
+from mmkit.train import (Callback, CheckpointError, StopTraining, Trainer, TrainData, find_checkpoint,
                          load_model, set_trainable)
 from mmkit.vlm import build_model
 
@@ -33,6 +33,17 @@ def test_overrides_parse_and_validate():
         apply_overrides(r, ["nope=1"])
     with pytest.raises(ValueError, match="module groups must be names"):
         Stage("x", train=[""])
+
+
+def test_stage_shapes_override_the_recipe_world_for_that_stage_only():
+    """A curriculum: stage.shapes (ShapesConfig overrides) apply on top of recipe.shapes."""
+    r = get_recipe("llava-tiny")
+    r.shapes = {"max_objects": 2}
+    r.stages[0].shapes = {"max_objects": 1}
+    first, second = TrainData(r, r.stages[0], 0), TrainData(r, r.stages[1], 1)
+    assert first.world.config.max_objects == 1 and second.world.config.max_objects == 2
+    assert {len(b["meta"]["scene"].objects) for b in first.batch(0, 0)} == {1}
+    assert Recipe.from_json(r.to_json()).stages[0].shapes == {"max_objects": 1}  # saved with the recipe
 
 
 def test_stage_freezes_everything_else(tiny_assets):
