@@ -194,6 +194,50 @@ def clip_loss(img: Tensor, txt: Tensor, logit_scale: Tensor, hard_txt: Tensor | 
     return 0.5 * (F.cross_entropy(i2t, target) + F.cross_entropy(logits.t(), target))
 
 
+def patch_targets(scenes, grid: tuple[int, int], n_classes_of) -> Tensor:
+    """Which object each patch shows: (N, h*w) class ids, -1 for background.
+
+    A patch belongs to an object when the patch's centre lies inside the object's radius,
+    or when the object's centre lies in the patch (small objects); where two objects claim
+    a patch, the nearer centre wins. ``n_classes_of(obj)`` gives the object's class id.
+    """
+    h, w = grid
+    ys = (torch.arange(h).float() + 0.5) / h  # patch centres, normalised
+    xs = (torch.arange(w).float() + 0.5) / w
+    cy, cx = torch.meshgrid(ys, xs, indexing="ij")  # (h, w)
+    out = torch.full((len(scenes), h * w), -1, dtype=torch.long)
+    for i, sc in enumerate(scenes):
+        best = torch.full((h, w), float("inf"))
+        for o in sc.objects:
+            d = ((cx - o.cx) ** 2 + (cy - o.cy) ** 2).sqrt()  # (h, w), image is square here
+            mine = d < o.r
+            mine[min(h - 1, int(o.cy * h)), min(w - 1, int(o.cx * w))] = True
+            take = mine & (d < best)
+            best = torch.where(take, d, best)
+            out[i][take.flatten()] = n_classes_of(o)
+    return out
+
+
+def region_phrases() -> list[str]:
+    """Every object phrase ShapesWorld can say: size x colour x shape, e.g. "small red circle"."""
+    from mmkit.data.shapes import COLORS, SHAPES
+
+    return [f"{z} {c} {s}" for z in ("small", "large") for c in COLORS for s in SHAPES]
+
+
+def region_loss(tokens: Tensor, targets: Tensor, proj: nn.Module, phrase_emb: Tensor, logit_scale: Tensor) -> Tensor:
+    """Patch-phrase alignment (RegionCLIP-style, per patch): every patch token that shows an
+    object is classified, by cosine similarity, among the text tower's embeddings of every
+    object phrase. tokens (B, N, D), targets (B, N) with -1 for background, phrase_emb (K, E).
+    The patch must name *its own* object's colour and shape: binding, in the token."""
+    keep = targets >= 0
+    if not keep.any():
+        return tokens.sum() * 0.0
+    z = F.normalize(proj(tokens[keep]), dim=-1)  # (M, E)
+    logits = logit_scale.exp().clamp(max=100) * z @ F.normalize(phrase_emb, dim=-1).t()  # (M, K)
+    return F.cross_entropy(logits, targets[keep])
+
+
 def swap_one_shape(world, split: str, index: int, seed: int = 0) -> str:
     """A hard-negative caption: scene (split, index)'s caption with one object's shape
     replaced by another shape. It differs from the true caption in one word, so only
@@ -334,6 +378,32 @@ def build_tokenizer(world, s: dict):
     return build_tiny_tokenizer(lm_corpus(world, "train", s["corpus"]), vocab_size=s["vocab"])
 
 
+def object_token_probe(enc, n_train: int, n_test: int, layer: int = -2) -> float:
+    """Binding in the tokens: a linear probe for an object's shape from the one patch token
+    under its centre (layer -2, scenes of 1-3 objects, no text). A bridge hands the LM
+    these tokens; "the orange object's shape" is only readable if the orange object's own
+    tokens say it. Chance 1/6."""
+    from mmkit.data.shapes import SHAPES, ShapesConfig, ShapesWorld
+
+    w = ShapesWorld(ShapesConfig(image_size=64, text_prob=0.0), seed=0)
+    shapes = list(SHAPES)
+
+    def data(split: str, n: int):
+        scenes = [w.scene(split, i) for i in range(n)]
+        px = enc.preprocess([w.render(x) for x in scenes])
+        f = torch.cat([enc.features(px[i:i + 256], layer=layer) for i in range(0, n, 256)])  # (n, h*w, D)
+        gh, gw = enc.grid((64, 64))
+        x, y = [], []
+        for fi, sc in zip(f, scenes):
+            for o in sc.objects:
+                x.append(fi[min(gh - 1, int(o.cy * gh)) * gw + min(gw - 1, int(o.cx * gw))])
+                y.append(shapes.index(o.shape))
+        return torch.stack(x), torch.tensor(y)
+
+    with torch.no_grad():
+        return linear_probe(*data("train", n_train), *data("test", n_test))
+
+
 def train_vision(world, tokenizer, s: dict, progress: bool = True) -> tuple[nn.Module, dict]:
     """CLIP pre-training of TinyViT; returns the VisionEncoder and its report."""
     from mmkit.data.shapes import ShapesConfig, ShapesWorld
@@ -347,8 +417,11 @@ def train_vision(world, tokenizer, s: dict, progress: bool = True) -> tuple[nn.M
     logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
     cap_w, cap_par = s.get("cap_weight", 0.0), s.get("cap_parallel", 0.0)
     decoder = CaptionDecoder(len(tokenizer), vit.config.hidden_size) if cap_w > 0 else None
+    region_w = s.get("region_weight", 0.0)
+    region_proj = nn.Linear(vit.config.hidden_size, 128, bias=False) if region_w > 0 else None
     params = [*vit.parameters(), *text.parameters(), *img_proj.parameters(), logit_scale]
     params += [*decoder.parameters()] if decoder is not None else []
+    params += [*region_proj.parameters()] if region_proj is not None else []
     opt = torch.optim.AdamW(params, lr=s.get("clip_lr", 2e-3), weight_decay=0.05, betas=(0.9, 0.98))
 
     # A fixed pool of scenes rendered once: rendering is cheap, but not free.
@@ -359,6 +432,12 @@ def train_vision(world, tokenizer, s: dict, progress: bool = True) -> tuple[nn.M
     hard = s.get("hard_negatives", False)
     if hard:
         hids, hmask = _tokenize(tokenizer, [swap_one_shape(world, "train", i) for i in range(N)], 64)
+    if region_proj is not None:
+        phrases = region_phrases()
+        pids, pmask = _tokenize(tokenizer, phrases, 16)
+        targets = patch_targets([r["meta"]["scene"] for r in recs], vit.config.grid,
+                                lambda o: phrases.index(f"{o.size} {o.color} {o.shape}"))
+        region_layer = s.get("region_layer", -2)  # the layer the bridges read
 
     t0 = time.perf_counter()
     bar = _bar(s["clip_steps"], "CLIP  (vision)", progress)
@@ -367,7 +446,8 @@ def train_vision(world, tokenizer, s: dict, progress: bool = True) -> tuple[nn.M
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(max(1, s["clip_steps"] // 20), s["clip_steps"], 0.0))
     for step in range(s["clip_steps"]):
         idx = torch.randint(0, N, (s["clip_batch"],), generator=g)
-        tokens = vit(pixels[idx]).last_hidden_state  # (B, 1 + N, D): one pass serves both losses
+        out = vit(pixels[idx])
+        tokens = out.last_hidden_state  # (B, 1 + N, D): one pass serves every loss
         img = img_proj(_max_pool(tokens))  # (B, 128)
         T = int(mask[idx].sum(1).max())  # the batch's longest caption
         bids, bmask = ids[idx, :T], mask[idx, :T]  # (B, T)
@@ -377,6 +457,9 @@ def train_vision(world, tokenizer, s: dict, progress: bool = True) -> tuple[nn.M
             Th = int(hmask[idx].sum(1).max())
             hard_txt = text(hids[idx, :Th], hmask[idx, :Th])  # (B, 128): one swapped shape each
         loss = clip_loss(img, txt, logit_scale, hard_txt)
+        if region_proj is not None:
+            loss = loss + region_w * region_loss(out.hidden_states[region_layer][:, 1:], targets[idx], region_proj,
+                                                 text(pids, pmask), logit_scale)
         if decoder is not None:
             parallel = bool(torch.rand((), generator=g) < cap_par)
             loss = loss + cap_w * caption_loss(decoder, tokens, bids, bmask, tokenizer.bos_token_id, parallel)
@@ -413,11 +496,14 @@ def train_vision(world, tokenizer, s: dict, progress: bool = True) -> tuple[nn.M
         probe_shape = linear_probe(fx.mean(1), ys[0], vx.mean(1), ys[1])
         # the object covers 2-9 of 64 patches: the mean dilutes it, the max does not
         probe_shape_max = linear_probe(fx.amax(1), ys[0], vx.amax(1), ys[1])
+        probe_shape_token = object_token_probe(enc, s["probe_train"], s["probe_test"])
     report = {"retrieval_r1_100": round(r1, 4), "probe_color": round(probe_color, 4),
-              "probe_shape": round(probe_shape, 4), "probe_shape_max": round(probe_shape_max, 4), "train_seconds": round(train_s, 1),
+              "probe_shape": round(probe_shape, 4), "probe_shape_max": round(probe_shape_max, 4),
+              "probe_shape_token": round(probe_shape_token, 4), "train_seconds": round(train_s, 1),
               "params": sum(p.numel() for p in vit.parameters()), "steps": s["clip_steps"],
               "stem": vit.config.stem, "objective": "clip" + (" + shape-swap hard negatives" if hard else "")
-              + (f" + {cap_w:g} x captioning" if decoder else "")}
+              + (f" + {cap_w:g} x captioning" if decoder else "")
+              + (f" + {region_w:g} x patch-phrase alignment (layer {region_layer})" if region_proj is not None else "")}
     return enc, report
 
 

@@ -159,6 +159,33 @@ def test_hard_negatives_swap_one_shape_and_count_in_the_loss():
     assert zoo.clip_loss(a, a, torch.tensor(2.0)) < easy < close  # a near-copy caption is a harder negative
 
 
+def test_patch_targets_mark_each_objects_own_patches_and_the_region_loss_learns_them():
+    from types import SimpleNamespace
+
+    from mmkit.data.shapes import Obj
+
+    big = Obj("circle", "red", "large", cx=0.5, cy=0.5, r=0.2, rgb=(220, 30, 30))
+    tiny = Obj("star", "blue", "small", cx=0.06, cy=0.94, r=0.02, rgb=(30, 30, 220))  # inside one patch
+    t = zoo.patch_targets([SimpleNamespace(objects=[big, tiny])], (8, 8), lambda o: {"circle": 0, "star": 1}[o.shape])
+    grid = t.view(8, 8)
+    assert grid[3:5, 3:5].eq(0).all() and grid[7, 0] == 1 and grid[0, 0] == -1 and grid[0, 7] == -1
+    assert int(grid.eq(0).sum()) == 12  # the patch centres within r = 0.2 of the middle (4 + 8 edge-adjacent)
+    phrases = zoo.region_phrases()
+    assert len(phrases) == 96 and len(set(phrases)) == 96 and "small red circle" in phrases
+    # the loss falls when each object patch's token moves towards its own phrase
+    torch.manual_seed(0)
+    tokens, phrase_emb = torch.randn(2, 64, 16, requires_grad=True), torch.randn(96, 8)
+    proj, targets = torch.nn.Linear(16, 8, bias=False), torch.randint(-1, 96, (2, 64))
+    opt = torch.optim.Adam([tokens, *proj.parameters()], lr=0.05)
+    first = None
+    for _ in range(60):
+        loss = zoo.region_loss(tokens, targets, proj, phrase_emb, torch.tensor(2.0))
+        opt.zero_grad(); loss.backward(); opt.step()
+        first = first if first is not None else loss.item()
+    assert loss.item() < 0.3 * first
+    assert zoo.region_loss(tokens, torch.full((2, 64), -1), proj, phrase_emb, torch.tensor(2.0)).item() == 0.0
+
+
 def test_reading_corpus_answers_from_its_description():
     """Each reading document holds a scene's description, a question, and an answer found in it."""
     from mmkit.data.shapes import ShapesConfig, ShapesWorld
