@@ -64,12 +64,13 @@ REPORT = "tiny/report.json"
 # 700 steps without hard negatives, 0.946 with them, 0.98 for 1000 (mean-pooled 0.50 / 0.61 /
 # 0.73). Those encoders still did not *bind*: the token under an object told its shape 0.57
 # of the time, and llava-tiny answered shape questions at 0.35. Patch-phrase alignment makes
-# every object patch name its own object (token probe 0.93, mean-pooled 0.93, llava-tiny's
+# every object patch name its own object (token probe 0.94, mean-pooled 0.93, llava-tiny's
 # shape answers 0.69). The price of both is build time (docs/benchmarks.md).
 # Optional keys, absent from both (what the shipped assets were built without): "reading"
 # (that many reading_corpus documents join the LM's corpus), "lm_config" (tiny_lm_config
 # overrides, e.g. a wider LM), "clip_lr", "stem" ("conv"), "cap_weight" / "cap_parallel"
-# (a CapPa-style captioning loss next to CLIP's). docs/benchmarks.md measures each.
+# (a CapPa-style captioning loss next to CLIP's), "region_layer" (which hidden state the
+# alignment trains; default -2, the one bridges read). docs/benchmarks.md measures each.
 SETTINGS: dict[str, dict[str, Any]] = {
     "full": dict(corpus=20_000, vocab=2048, clip_images=16_000, clip_steps=1000, clip_batch=96, hard_negatives=True,
                  region_weight=1.0, lm_steps=600, lm_batch=32, probe_train=1500, probe_test=500, blind_n=300, ppl_n=500),
@@ -197,12 +198,12 @@ def clip_loss(img: Tensor, txt: Tensor, logit_scale: Tensor, hard_txt: Tensor | 
     return 0.5 * (F.cross_entropy(i2t, target) + F.cross_entropy(logits.t(), target))
 
 
-def patch_targets(scenes, grid: tuple[int, int], n_classes_of) -> Tensor:
+def patch_targets(scenes, grid: tuple[int, int], class_of) -> Tensor:
     """Which object each patch shows: (N, h*w) class ids, -1 for background.
 
     A patch belongs to an object when the patch's centre lies inside the object's radius,
     or when the object's centre lies in the patch (small objects); where two objects claim
-    a patch, the nearer centre wins. ``n_classes_of(obj)`` gives the object's class id.
+    a patch, the nearer centre wins. ``class_of(obj)`` gives the object's class id.
     """
     h, w = grid
     ys = (torch.arange(h).float() + 0.5) / h  # patch centres, normalised
@@ -217,7 +218,7 @@ def patch_targets(scenes, grid: tuple[int, int], n_classes_of) -> Tensor:
             mine[min(h - 1, int(o.cy * h)), min(w - 1, int(o.cx * w))] = True
             take = mine & (d < best)
             best = torch.where(take, d, best)
-            out[i][take.flatten()] = n_classes_of(o)
+            out[i][take.flatten()] = class_of(o)
     return out
 
 
