@@ -27,7 +27,7 @@ NF4_MISSING = nf4_unavailable_reason()
 needs_bnb = pytest.mark.skipif(NF4_MISSING is not None, reason=str(NF4_MISSING))
 
 
-def qlora_recipe(steps_align=40, steps_instruct=80, **over):
+def qlora_recipe(steps_align=40, steps_instruct=120, **over):
     """llava-tiny with its LM in 4-bit NF4 and LoRA adapters, on colour questions only."""
     r = apply_overrides(get_recipe("llava-tiny-qlora"), [
         f"stages.0.steps={steps_align}", f"stages.1.steps={steps_instruct}",
@@ -57,7 +57,8 @@ def test_qlora_learns_colours_and_checkpoint_is_peft(qlora_run):
     res = evaluate(model, "vqa", n=64)
     blind = evaluate(model, "vqa", n=64, blind=True)
     # 8 colours: chance is 1/8. The bridge + LoRA learned to read colour from the image
-    # (measured: 0.47 with the image, 0.14 blind, after 40 + 80 steps).
+    # (measured on the session-6 encoder: 0.58 with the image, 0.22 blind, after 40 + 120 steps;
+    # 80 steps gave 0.36 vs 0.19 there, 0.47 vs 0.14 on the earlier encoder).
     assert res["accuracy"] >= 0.35 and res["accuracy"] > blind["accuracy"] + 0.2, (res, blind)
 
     ckpt = out / "checkpoint"
