@@ -198,6 +198,12 @@ def clip_loss(img: Tensor, txt: Tensor, logit_scale: Tensor, hard_txt: Tensor | 
     return 0.5 * (F.cross_entropy(i2t, target) + F.cross_entropy(logits.t(), target))
 
 
+def centre_patch(obj, grid: tuple[int, int]) -> tuple[int, int]:
+    """(row, col) of the patch that holds ``obj``'s centre on an ``(h, w)`` patch grid."""
+    h, w = grid
+    return min(h - 1, int(obj.cy * h)), min(w - 1, int(obj.cx * w))
+
+
 def patch_targets(scenes, grid: tuple[int, int], class_of) -> Tensor:
     """Which object each patch shows: (N, h*w) class ids, -1 for background.
 
@@ -215,7 +221,7 @@ def patch_targets(scenes, grid: tuple[int, int], class_of) -> Tensor:
         for o in sc.objects:
             d = ((cx - o.cx) ** 2 + (cy - o.cy) ** 2).sqrt()  # (h, w), image is square here
             mine = d < o.r
-            mine[min(h - 1, int(o.cy * h)), min(w - 1, int(o.cx * w))] = True
+            mine[centre_patch(o, grid)] = True
             take = mine & (d < best)
             best = torch.where(take, d, best)
             out[i][take.flatten()] = class_of(o)
@@ -223,7 +229,8 @@ def patch_targets(scenes, grid: tuple[int, int], class_of) -> Tensor:
 
 
 def region_phrases() -> list[str]:
-    """Every object phrase ShapesWorld can say: size x colour x shape, e.g. "small red circle"."""
+    """Every object phrase ShapesWorld can say: size x colour x shape, e.g. "small red circle"
+    (``Obj.phrase`` without its article)."""
     from mmkit.data.shapes import COLORS, SHAPES
 
     return [f"{z} {c} {s}" for z in ("small", "large") for c in COLORS for s in SHAPES]
@@ -400,7 +407,8 @@ def object_token_probe(enc, n_train: int, n_test: int, layer: int = -2) -> float
         x, y = [], []
         for fi, sc in zip(f, scenes):
             for o in sc.objects:
-                x.append(fi[min(gh - 1, int(o.cy * gh)) * gw + min(gw - 1, int(o.cx * gw))])
+                r, c = centre_patch(o, (gh, gw))
+                x.append(fi[r * gw + c])
                 y.append(shapes.index(o.shape))
         return torch.stack(x), torch.tensor(y)
 
@@ -439,8 +447,9 @@ def train_vision(world, tokenizer, s: dict, progress: bool = True) -> tuple[nn.M
     if region_proj is not None:
         phrases = region_phrases()
         pids, pmask = _tokenize(tokenizer, phrases, 16)
+        phrase_id = {p: k for k, p in enumerate(phrases)}
         targets = patch_targets([r["meta"]["scene"] for r in recs], vit.config.grid,
-                                lambda o: phrases.index(f"{o.size} {o.color} {o.shape}"))
+                                lambda o: phrase_id[o.phrase.removeprefix("a ")])
         region_layer = s.get("region_layer", -2)  # the layer the bridges read
 
     t0 = time.perf_counter()

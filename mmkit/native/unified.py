@@ -31,8 +31,7 @@ sample only image ids"). The codes are decoded by the VQ-VAE into a picture.
 The loss is the mean next-token loss over text targets plus ``image_weight`` times the
 mean over image-code targets, reported apart (``losses = {"text", "image"}``): a drawn
 image has 64 code targets (plus ``<eoi>`` and the end of the turn in the text mean), an
-answer two or three, and one pooled mean would let the pictures
-drown the answers out.
+answer two or three, and one pooled mean would let the pictures drown the answers out.
 """
 from __future__ import annotations
 
