@@ -51,7 +51,7 @@ from mmkit import nn as mnn
 from mmkit.paths import assets_dir
 from mmkit.train import warmup_cosine
 
-__all__ = ["build", "info", "TextTower", "clip_loss", "length_buckets", "embed_texts", "lm_backward", "image_embedding", "linear_probe", "retrieval_r1",
+__all__ = ["build", "info", "TextTower", "clip_loss", "image_embedding", "linear_probe", "retrieval_r1",
            "load_tiny", "VISION_DIR", "LM_DIR", "build_models", "ship_checkpoint", "model_report", "SHIPPED_MODELS", "MODELS_DIR"]
 
 VISION_DIR = "tiny/vision"
@@ -303,91 +303,11 @@ def _step(loss: Tensor, opt, sched, params: list, bar) -> None:
     """One optimizer step with gradient clipping; advances the schedule and the bar."""
     opt.zero_grad(set_to_none=True)
     loss.backward()
-    _apply_step(float(loss.detach()), opt, sched, params, bar)
-
-
-def _apply_step(loss: float, opt, sched, params: list, bar) -> None:
-    """The second half of a step, once the gradients are in: clip, step, schedule, bar."""
     torch.nn.utils.clip_grad_norm_(params, 1.0)
     opt.step()
     sched.step()
     bar.update(1)
-    bar.set_postfix(loss=f"{loss:.3f}")
-
-
-def length_buckets(lengths: Sequence[int], overhead: float = 100.0) -> list[list[int]]:
-    """Split a batch into groups of similar length, so that each group is padded only to
-    its own longest row: the rows' indices, one list per group.
-
-    A padded batch costs (rows x longest row) tokens of compute, however short most rows
-    are. In the tiny LM's corpus a text is 26 tokens on average while a batch of 32 pads
-    to ~80: two thirds of the work would be on padding. The groups are contiguous runs
-    of the rows sorted by length, chosen by dynamic programming to minimise
-    ``sum(len(group) * longest(group)) + overhead * number_of_groups`` (``overhead``, in
-    tokens, prices a model call). Splitting is exact: with right padding every real token
-    keeps its position, and a padded key is masked anyway, so per-row outputs (and a loss
-    summed over tokens) do not change; only the floating-point summation order does.
-    """
-    runs: dict[int, list[int]] = {}  # rows of equal length always share a group
-    for i, n in enumerate(lengths):
-        runs.setdefault(int(n), []).append(i)
-    keys = sorted(runs)
-    size = [0]
-    for k in keys:
-        size.append(size[-1] + len(runs[k]))
-    K = len(keys)
-    best, cut = [0.0] + [math.inf] * K, [0] * (K + 1)
-    for j in range(1, K + 1):  # best[j]: cheapest split of the rows of the j shortest lengths
-        for i in range(j):
-            c = best[i] + (size[j] - size[i]) * keys[j - 1] + overhead
-            if c < best[j]:
-                best[j], cut[j] = c, i
-    groups, j = [], K
-    while j > 0:
-        groups.append([r for k in keys[cut[j]:j] for r in runs[k]])
-        j = cut[j]
-    return groups[::-1]
-
-
-def lm_backward(lm, ids: Tensor, mask: Tensor) -> float:
-    """Backward of a causal LM's mean next-token loss over a right-padded batch (B, T),
-    run in length buckets (:func:`length_buckets`): each bucket's loss is weighted by its
-    share of the predicted tokens, so the gradients add up to the whole batch's. Returns
-    the batch's loss."""
-    lengths = mask.sum(1)
-    n_total = max(1, int((lengths - 1).clamp(min=0).sum()))
-    total = 0.0
-    for group in length_buckets(lengths.tolist()):
-        rows = torch.tensor(group)
-        T = int(lengths[rows].max())
-        x, m = ids[rows, :T], mask[rows, :T]
-        labels = x.masked_fill(m == 0, -100)
-        n = int((labels[:, 1:] != -100).sum())
-        if n == 0:
-            continue
-        loss = lm(input_ids=x, attention_mask=m, labels=labels).loss * (n / n_total)
-        loss.backward()
-        total += float(loss.detach())
-    return total
-
-
-def embed_texts(text: "TextTower", batches: Sequence[tuple[Tensor, Tensor]]) -> list[Tensor]:
-    """Run the text tower over several (ids, mask) batches at once, in length buckets
-    (:func:`length_buckets`): the same embeddings as ``text(ids, mask)`` per batch, with
-    far less padding. Returns one (B_i, E) tensor per batch, rows in their input order."""
-    width = max(int(ids.shape[1]) for ids, _ in batches)
-    ids = torch.cat([F.pad(i, (0, width - i.shape[1])) for i, _ in batches])
-    mask = torch.cat([F.pad(m, (0, width - m.shape[1])) for _, m in batches])
-    lengths = mask.sum(1)
-    out: list[Tensor | None] = [None] * len(ids)
-    for group in length_buckets(lengths.tolist()):
-        rows = torch.tensor(group)
-        T = max(1, int(lengths[rows].max()))
-        emb = text(ids[rows, :T], mask[rows, :T])
-        for k, r in enumerate(group):
-            out[r] = emb[k]
-    flat = torch.stack(out)  # type: ignore[arg-type]
-    return list(flat.split([len(i) for i, _ in batches]))
+    bar.set_postfix(loss=f"{loss.item():.3f}")
 
 
 def _caption(rec: dict) -> str:
@@ -544,16 +464,15 @@ def train_vision(world, tokenizer, s: dict, progress: bool = True) -> tuple[nn.M
         img = img_proj(_max_pool(tokens))  # (B, 128)
         T = int(mask[idx].sum(1).max())  # the batch's longest caption
         bids, bmask = ids[idx, :T], mask[idx, :T]  # (B, T)
-        # one text-tower pass for the captions, their shape-swapped twins and the phrases
-        texts = [(bids, bmask)] + ([(hids[idx], hmask[idx])] if hard else []) \
-            + ([(pids, pmask)] if region_proj is not None else [])
-        embs = embed_texts(text, texts)
-        txt = embs[0]  # (B, 128)
-        hard_txt = embs[1] if hard else None  # (B, 128): one swapped shape each
+        txt = text(bids, bmask)  # (B, 128)
+        hard_txt = None
+        if hard:
+            Th = int(hmask[idx].sum(1).max())
+            hard_txt = text(hids[idx, :Th], hmask[idx, :Th])  # (B, 128): one swapped shape each
         loss = clip_loss(img, txt, logit_scale, hard_txt)
         if region_proj is not None:
             loss = loss + region_w * region_loss(out.hidden_states[region_layer][:, 1:], targets[idx], region_proj,
-                                                 embs[-1], logit_scale)
+                                                 text(pids, pmask), logit_scale)
         if decoder is not None:
             parallel = bool(torch.rand((), generator=g) < cap_par)
             loss = loss + cap_w * caption_loss(decoder, tokens, bids, bmask, tokenizer.bos_token_id, parallel)
@@ -622,9 +541,11 @@ def train_lm(world, tokenizer, s: dict, progress: bool = True) -> tuple[nn.Modul
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(max(1, s["lm_steps"] // 20), s["lm_steps"], 0.0))
     for step in range(s["lm_steps"]):
         idx = torch.randint(0, len(texts), (s["lm_batch"],), generator=g)
-        opt.zero_grad(set_to_none=True)
-        loss = lm_backward(lm, ids[idx], mask[idx])
-        _apply_step(loss, opt, sched, list(lm.parameters()), bar)
+        m = mask[idx]
+        T = int(m.sum(1).max())
+        x, m = ids[idx, :T], m[:, :T]
+        labels = x.masked_fill(m == 0, -100)
+        _step(lm(input_ids=x, attention_mask=m, labels=labels).loss, opt, sched, list(lm.parameters()), bar)
     bar.close()
     train_s = time.perf_counter() - t0
     lm.eval()

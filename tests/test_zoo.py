@@ -195,40 +195,6 @@ def test_patch_targets_mark_each_objects_own_patches_and_the_region_loss_learns_
     assert zoo.region_loss(tokens, torch.full((2, 64), -1), proj, phrase_emb, torch.tensor(2.0)).item() == 0.0
 
 
-def test_length_buckets_cut_padding_without_changing_outputs_or_gradients():
-    """Bucketing a batch by length is pure speed: same text embeddings, same LM gradient."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    lengths = [3, 40, 5, 38, 4, 3, 41, 6]
-    groups = zoo.length_buckets(lengths, overhead=10)
-    assert sorted(r for g in groups for r in g) == list(range(8))
-    assert [sorted(lengths[r] for r in g) for g in groups] == [[3, 3, 4, 5, 6], [38, 40, 41]]
-    assert zoo.length_buckets(lengths, overhead=10_000) == [sorted(range(8), key=lambda i: (lengths[i], i))]
-    padded = len(lengths) * max(lengths)
-    assert sum(len(g) * max(lengths[r] for r in g) for g in groups) < 0.6 * padded
-
-    torch.manual_seed(0)
-    mask = (torch.arange(41)[None] < torch.tensor(lengths)[:, None]).long()  # right padding
-    ids = torch.randint(4, 50, (8, 41)) * mask
-    text = zoo.TextTower(50, dim=32, layers=1, heads=2, out_dim=16).eval()
-    a, b = zoo.embed_texts(text, [(ids, mask), (ids[:3, :6], mask[:3, :6])])
-    assert a.shape == (8, 16) and b.shape == (3, 16)
-    torch.testing.assert_close(a, text(ids, mask), atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(b, text(ids[:3, :6], mask[:3, :6]), atol=1e-5, rtol=1e-5)
-
-    lm = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                      num_attention_heads=2, max_position_embeddings=64))
-    labels = ids.masked_fill(mask == 0, -100)
-    lm(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
-    whole = [p.grad.clone() for p in lm.parameters()]
-    with torch.no_grad():
-        whole_loss = lm(input_ids=ids, attention_mask=mask, labels=labels).loss.item()
-    lm.zero_grad()
-    assert abs(zoo.lm_backward(lm, ids, mask) - whole_loss) < 1e-5
-    for w, p in zip(whole, lm.parameters()):
-        torch.testing.assert_close(p.grad, w, atol=1e-5, rtol=1e-4)
-
-
 def test_reading_corpus_answers_from_its_description():
     """Each reading document holds a scene's description, a question, and an answer found in it."""
     from mmkit.data.shapes import ShapesConfig, ShapesWorld
