@@ -404,11 +404,12 @@ class Trainer:
 
     def _optimizer(self, stage: Stage) -> torch.optim.Optimizer:
         groups = self.model.module_groups()
+        finer = getattr(self.model, "param_group", None)  # e.g. Flamingo's gates
         buckets: dict[tuple[str, bool], list[nn.Parameter]] = {}
         for n, p in self.model.named_parameters():
             if not p.requires_grad:
                 continue
-            g = _group_of(n, groups)
+            g = (finer(n) if finer else None) or _group_of(n, groups)
             no_decay = p.ndim < 2  # biases, norms, gates
             buckets.setdefault((g, no_decay), []).append(p)
         param_groups = [

@@ -267,6 +267,12 @@ class VLM(nn.Module):
         """Names a training stage uses to say what is trained and what is frozen."""
         return {"vision": self.vision, "bridge": self.bridge, "lm": self.lm}
 
+    def param_group(self, name: str) -> str | None:
+        """A finer optimizer group for one parameter, so a stage can give it its own learning
+        rate (``Stage.lr_groups``); None keeps it in its module group. Flamingo names its
+        gates this way."""
+        return None
+
     # ----------------------------------------------------------------- inspect
     @torch.no_grad()
     def explain(self, images: Sequence, messages: str | list[dict], answer: str) -> dict[str, Any]:

@@ -573,6 +573,11 @@ class FlamingoVLM(Inspectable, VLM):
     def module_groups(self) -> dict[str, nn.Module]:
         return {"vision": self.vision, "bridge": self.bridge, "xattn": self.xattn, "lm": self.lm}
 
+    def param_group(self, name: str) -> str | None:
+        """The tanh gates' alphas form the optimizer group "gates" (trained with ``xattn``),
+        so a recipe can give them their own learning rate (flamingo-tiny does)."""
+        return "gates" if name.rsplit(".", 1)[-1] in ("alpha_xattn", "alpha_dense") else None
+
     @torch.no_grad()
     def gate_values(self) -> dict[str, dict[int, float]]:
         """|tanh(alpha)| per LM layer (mean over channels for vector alphas), as Fig. 6 plots."""
