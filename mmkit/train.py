@@ -404,7 +404,9 @@ class Trainer:
 
     def _optimizer(self, stage: Stage) -> torch.optim.Optimizer:
         groups = self.model.module_groups()
-        finer = getattr(self.model, "param_group", None)  # e.g. Flamingo's gates
+        # a finer group for some parameters (Flamingo's gates); models that are not a VLM
+        # (UnifiedLM) have no such hook
+        finer = getattr(self.model, "param_group", None)
         buckets: dict[tuple[str, bool], list[nn.Parameter]] = {}
         for n, p in self.model.named_parameters():
             if not p.requires_grad:
