@@ -184,6 +184,38 @@ def test_generate_cache_equals_no_cache_and_batched_equals_single(tiny_assets, w
     assert m.tokenizer.decode(ids[0, batch["input_ids"].shape[1]:], skip_special_tokens=True).strip() == cached[0]
 
 
+def test_cache_hook_refuses_an_argument_layout_it_does_not_know(tiny_assets, world):
+    """A transformers release that passes the KV cache some new way must fail loudly,
+    not decode without the images (5.24 renamed ``past_key_values`` to ``cache``)."""
+    from transformers import DynamicCache
+
+    from mmkit.vlm import build_model
+
+    m = build_model(get_recipe("flamingo-tiny")).eval()
+    batch = m.processor([world.sample("test", 0, "vqa")], for_generation=True)
+    ids, pv = batch["input_ids"], batch["pixel_values"]
+    decoder, new_token = m.lm.get_decoder(), ids[:, -1:]
+    with torch.no_grad(), m.media(ids, pv):
+        m._start_call(decoder, (), {"input_ids": ids, "use_cache": True})  # the prompt: fine
+        # the next token with its cache under a name and type the hook does not know
+        with pytest.raises(RuntimeError, match="no KV cache was found.*kv_state"):
+            m._start_call(decoder, (), {"input_ids": new_token, "kv_state": [(ids, ids)], "use_cache": True})
+    with torch.no_grad(), m.media(ids, pv):
+        m._start_call(decoder, (), {"input_ids": ids})
+        stale = DynamicCache()  # a cache that holds fewer tokens than this generation has seen
+        stale.update(torch.zeros(1, 1, 3, 4), torch.zeros(1, 1, 3, 4), 0)
+        with pytest.raises(RuntimeError, match="cache holds 3 token"):
+            m._start_call(decoder, (), {"input_ids": new_token, "some_new_name": stale})
+    # a cache found by its type under any keyword continues the generation
+    with torch.no_grad(), m.media(ids, pv):
+        m._start_call(decoder, (), {"input_ids": ids})
+        ok = DynamicCache()
+        ok.update(torch.zeros(1, 1, ids.shape[1], 4), torch.zeros(1, 1, ids.shape[1], 4), 0)
+        m._start_call(decoder, (), {"input_ids": new_token, "some_new_name": ok})
+        assert m._media.history.shape[1] == ids.shape[1] + 1 and m._media.mask.shape[1] == 1
+        assert m._media.mask.any()  # the new token still sees the image
+
+
 def test_only_new_blocks_train_and_the_lm_stays_frozen(model):
     from mmkit.train import set_trainable
 

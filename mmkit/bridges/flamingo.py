@@ -331,6 +331,7 @@ class _MediaState:
         self.num_media = 0  # N: image slots per row (rows with fewer images are zero-padded)
         self.history: Tensor | None = None  # (B, T_so_far): token ids seen so far (KV-cache decoding)
         self.mask: Tensor | None = None  # (B, T_call, N * L) for the current call
+        self.calls = 0  # decoder calls so far within this media(...) context
 
 
 class FlamingoVLM(Inspectable, VLM):
@@ -436,19 +437,22 @@ class FlamingoVLM(Inspectable, VLM):
 
         The first call of a generation (or a training forward) holds the whole prompt; later
         calls with a KV cache hold only the new tokens, so the ids seen so far are kept and
-        ``text_time`` is counted over all of them.
+        ``text_time`` is counted over all of them. Which of the two a call is comes from the
+        cache among its arguments (``_call_continues``), checked against the ids seen so far.
         """
         st = self._media
         st.mask = None
         if not st.active or st.media is None:
             return None  # a text-only call, or the LM called on its own: the plain LM
         ids = kwargs.get("input_ids", args[0] if args else None)
-        if ids is None:
+        if not isinstance(ids, Tensor):
             raise RuntimeError("FlamingoVLM: call the LM with input_ids, not inputs_embeds: the media mask "
                                "is computed from the <image> markers in the token ids")
-        cache = kwargs.get("past_key_values")
-        fresh = cache is None or cache.get_seq_length() == 0
-        st.history = ids if fresh or st.history is None else torch.cat([st.history, ids], dim=1)
+        if self._call_continues(ids, args, kwargs):
+            st.history = torch.cat([st.history, ids], dim=1)
+        else:
+            st.history = ids
+        st.calls += 1
         if st.history.shape[0] != st.media.shape[0]:
             raise RuntimeError(f"FlamingoVLM: {st.history.shape[0]} sequences but media for "
                                f"{st.media.shape[0]}; beam search / num_return_sequences > 1 are not supported")
@@ -457,6 +461,40 @@ class FlamingoVLM(Inspectable, VLM):
         L = st.media.shape[1] // max(1, st.num_media)
         st.mask = mm.repeat_interleave(L, dim=-1)  # (B, T_call, N*L): every latent of a visible image
         return None
+
+    def _call_continues(self, ids: Tensor, args: tuple, kwargs: dict) -> bool:
+        """Does this decoder call continue the previous one from a KV cache (True), or hold
+        the whole sequence so far (False)?
+
+        The cache is found by its type, not by the keyword transformers passes it under
+        (``past_key_values`` until 5.23, ``cache`` from 5.24). Every call is checked
+        against the ids seen so far, so an argument layout this hook does not understand
+        raises here instead of silently decoding without the images.
+        """
+        from transformers.cache_utils import Cache
+
+        st = self._media
+        caches = [v for v in (*args, *kwargs.values()) if isinstance(v, Cache)]
+        if len(caches) > 1:
+            raise RuntimeError(f"FlamingoVLM: the LM's decoder got {len(caches)} KV caches in one call "
+                               f"(arguments: {sorted(kwargs)}); this layout is not supported")
+        past = caches[0].get_seq_length() if caches else 0
+        if past == 0:
+            if st.calls and ids.shape[1] <= st.history.shape[1]:
+                # a later call of one generation that holds no more than the ids already seen:
+                # it must be continuing from a cache this hook did not find
+                raise RuntimeError(
+                    f"FlamingoVLM: decoder call {st.calls + 1} of a generation holds {ids.shape[1]} new token(s) "
+                    f"after {st.history.shape[1]} seen, but no KV cache was found among its arguments "
+                    f"({sorted(kwargs)}); this transformers version passes the cache in a way FlamingoVLM "
+                    "does not know. Pass use_cache=False to generate, or install the locked versions "
+                    "(requirements.lock)")
+            return False
+        if st.history is None or past != st.history.shape[1]:
+            seen = 0 if st.history is None else st.history.shape[1]
+            raise RuntimeError(f"FlamingoVLM: the KV cache holds {past} token(s) but this generation has seen "
+                               f"{seen}; the media mask cannot be placed (was the cache reused across calls?)")
+        return True
 
     def _cross_attend(self, j: int, layer: nn.Module, args: tuple, kwargs: dict):
         """Pre-hook of LM layer ``xattn_layers[j]``: run GATED XATTN-DENSE on its input."""
