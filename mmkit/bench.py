@@ -2,7 +2,7 @@
 
 Qwen-VL's fine-tuning guide reports, for one A100-80G (batch 1, gradient accumulation
 8, one image), GPU memory and seconds per iteration at sequence lengths 384 to 2048 for
-LoRA and Q-LoRA (see ../shared/REFERENCE.md). This bench redoes that table for a pair a
+LoRA and Q-LoRA (its "Profiling of Memory and Speed"). This bench redoes that table for a pair a
 student can afford, built from its *configs* with random weights (nothing downloads;
 memory and speed do not depend on the values of the weights):
 

@@ -122,7 +122,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     elif args.what == "memory":
         from mmkit.bench import format_table, measure, memory_table
 
-        if args.target:  # the target row: QLoRA stage 2 at 512 tokens, batch 4
+        if args.target:  # --target: one row only, QLoRA stage 2 at 512 tokens, batch 4
             rows = [measure("qlora", 512, size=args.model_size, batch=4, grad_accum=1, steps=args.steps)]
         else:
             rows = memory_table([m.strip() for m in args.methods.split(",")],

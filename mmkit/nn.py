@@ -12,7 +12,7 @@ Everything in mmkit that attends, projects or embeds positions comes from this f
 Shapes: B batch, H heads, Tq query length, Tk key/value length, D model width,
 hd = D // H head width.
 
-The inspection hook (DESIGN principle 3)
+The inspection hook (see inside a model)
 ----------------------------------------
 A module that mixes in ``Inspectable`` calls ``self.record("gate", value)`` at the
 places a teacher wants to show. Outside ``inspect(...)`` this is one attribute check
