@@ -2,7 +2,7 @@
 
 One llava-tiny trained for a few steps (or the shipped ``assets/tiny/models/llava-tiny``)
 serves every test. The app is launched in-process on a free 127.0.0.1 port and driven
-with ``gradio_client``: a normal turn, each bad input from issue #5, then a normal
+with ``gradio_client``: a normal turn, each bad input of ``BAD_INPUTS``, then a normal
 turn again to show the server survived.
 """
 from __future__ import annotations
@@ -144,6 +144,12 @@ def _uploads(files, key):
     return [files["scene"]] * 4 if key == "too_many" else [files[key]]
 
 
+def _answer_to(session, record: dict) -> str:
+    """What the model answers to ``record`` without its last (assistant) turn."""
+    prompt = {**record, "conversations": record["conversations"][:-1]}
+    return session.model.generate(records=[prompt], max_new_tokens=4)[0]
+
+
 # ------------------------------------------------------------------ model discovery
 def test_discover_models_lists_shipped_and_reports_bad_folders(demo_ckpt, bad_dirs, tmp_path, monkeypatch):
     from mmkit.demo import ModelStore, discover_models, no_model_message
@@ -239,7 +245,14 @@ def test_bad_input_is_refused_with_a_clear_message(session, files, key, text, ph
     if key not in ("too_many",) and text == QUESTION:  # image errors name the file, not a temp path
         assert f"**{files[key].name}**" in str(err.value) and "How to fix" in str(err.value)
     assert session.turns == before  # nothing half-added
-    assert session.reply("How many shapes are there?", max_new_tokens=4) is not None
+    # the conversation goes on where it was: the next question is answered from the first
+    # turn's image and history, as generate() answers that record
+    answer = session.reply("How many shapes are there?", max_new_tokens=4)
+    assert session.turns[:2] == before and [t.role for t in session.turns] == ["user", "assistant"] * 2
+    rec = session.record()
+    assert len(rec["images"]) == 1
+    assert [c["value"] for c in rec["conversations"][2:]] == ["How many shapes are there?", answer]
+    assert _answer_to(session, rec) == answer
 
 
 @pytest.mark.parametrize("key", ["gray", "rgba", "palette"])
@@ -255,7 +268,12 @@ def test_conversation_longer_than_the_model_reads_is_refused(session, scene):
     with pytest.raises(ChatError, match="Press Clear"):
         session.reply(QUESTION, [scene], max_new_tokens=4)
     session.clear()
-    assert session.reply(QUESTION, [scene], max_new_tokens=4) is not None
+    answer = session.reply(QUESTION, [scene], max_new_tokens=4)
+    # a fresh conversation: one image, one exchange, the answer of a new chat about the scene
+    rec = session.record()
+    assert len(rec["images"]) == 1 and len(rec["conversations"]) == 2
+    assert rec["conversations"][0]["value"] == "<image>\n" + QUESTION and rec["conversations"][1]["value"] == answer
+    assert session.model.generate([scene], QUESTION, max_new_tokens=4)[0] == answer
 
 
 def test_typed_image_placeholder_does_not_break_the_count(session, scene):

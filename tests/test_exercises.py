@@ -168,3 +168,23 @@ def test_registry():
         names[e.notebook].append(e.name)
     assert all(len(v) >= 2 for v in names.values()), names
     assert {"00_tour", "01_vision_encoder", "02_llava", "07_qlora"} <= set(names)
+
+
+def test_each_notebook_has_its_own_module():
+    """The framework lives in ``core``; each notebook's exercises in one module of their own,
+    and notebooks 00-02's checks are importable from the package, as the notebooks do."""
+    from mmkit.exercises import core
+
+    modules = {}
+    for e in ex.list_exercises():
+        modules.setdefault(e.notebook, set()).add(e.check.__module__)
+    assert all(len(m) == 1 for m in modules.values()), modules
+    owners = [next(iter(m)) for m in modules.values()]
+    assert len(set(owners)) == len(owners) and core.__name__ not in owners and ex.__name__ not in owners
+    assert modules["00_tour"] == {"mmkit.exercises.tour"}
+    assert modules["01_vision_encoder"] == {"mmkit.exercises.vision_encoder"}
+    assert modules["02_llava"] == {"mmkit.exercises.llava"}
+    for name in ("count_image_tokens", "vqa_accuracy", "patchify", "clip_loss", "label_mask", "merge_image_tokens"):
+        assert getattr(ex, f"check_{name}") is ex.EXERCISES[name].check
+    assert ex.check is core.check and ex.solution is core.solution and ex.register is core.register
+    assert [e.notebook for e in ex.list_exercises()] == sorted(e.notebook for e in ex.list_exercises())

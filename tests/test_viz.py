@@ -1,4 +1,5 @@
-"""Every figure helper returns a matplotlib Figure on tiny inputs, headless."""
+"""Every figure helper returns a matplotlib Figure on tiny inputs, headless, and draws
+what it is given (the patch grid, the token boxes, ...)."""
 from __future__ import annotations
 
 import json
@@ -24,11 +25,40 @@ def test_show_samples(world):
         viz.show_samples(recs[:2], predictions=["x"])
 
 
+def _patch_grid(fig):
+    """(image array, title, {patch number: its (x, y) centre}, #vertical, #horizontal grid lines)."""
+    (ax,) = fig.axes
+    (im,) = ax.images
+    numbers = {int(t.get_text()): t.get_position() for t in ax.texts}
+    vertical = sum(1 for ln in ax.lines if len(set(ln.get_xdata())) == 1)
+    return np.asarray(im.get_array()), ax.get_title(), numbers, vertical, len(ax.lines) - vertical
+
+
 def test_show_patch_grid(world):
-    img = world.sample("train", 0)["image"]
-    assert isinstance(viz.show_patch_grid(img, 8), Figure)
-    assert isinstance(viz.show_patch_grid(img, 16, size=128), Figure)
-    assert isinstance(viz.show_patch_grid(torch.randn(3, 32, 48), 8), Figure)  # normalised tensor
+    img = world.sample("train", 0)["image"]  # 64 x 64 px
+    fig = viz.show_patch_grid(img, 8)
+    assert isinstance(fig, Figure)
+    a, title, numbers, nv, nh = _patch_grid(fig)
+    assert a.shape == (64, 64, 3) and np.allclose(a, np.asarray(img, dtype=np.float32) / 255)
+    assert title == "64x64 px, 8x8 patches: 8x8 = 64 tokens (+1 CLS)"
+    assert (nv, nh) == (9, 9)  # the 8 x 8 grid's borders
+    assert sorted(numbers) == list(range(64))  # one number per patch, in token order (row-major):
+    assert tuple(numbers[1]) == (12, 4) and tuple(numbers[8]) == (4, 12) and tuple(numbers[63]) == (60, 60)
+    # resized first, as the encoder would
+    a, title, numbers, nv, nh = _patch_grid(viz.show_patch_grid(img, 16, size=128))
+    assert a.shape == (128, 128, 3) and title.startswith("128x128 px, 16x16 patches: 8x8 = 64 tokens")
+    assert tuple(numbers[9]) == (24, 24)
+    # a normalised (3, H, W) tensor: rescaled to [0, 1] for display, W x H in the title
+    x = torch.randn(3, 32, 48)
+    a, title, numbers, nv, nh = _patch_grid(viz.show_patch_grid(x, 8, cls_token=False))
+    assert a.shape == (32, 48, 3) and a.min() == 0 and a.max() == 1
+    assert np.allclose(a, ((x - x.min()) / (x.max() - x.min())).permute(1, 2, 0).numpy(), atol=1e-6)
+    assert title == "48x32 px, 8x8 patches: 4x6 = 24 tokens"
+    assert (nv, nh) == (7, 5) and sorted(numbers) == list(range(24)) and tuple(numbers[7]) == (12, 12)
+    # pixels that do not fill a patch are named; many patches: no numbers
+    fig = viz.show_patch_grid(torch.rand(3, 36, 48), 8)
+    assert "4 rows / 0 cols of pixels do not fill a patch" in fig.axes[0].get_xlabel()
+    assert not viz.show_patch_grid(img, 4).axes[0].texts  # 16 x 16 = 256 patches
 
 
 def test_matrices(world):
@@ -56,18 +86,39 @@ class _Tok:
                 12: " red", 13: "assistant"}[ids[0]]
 
 
+def _boxes(fig):
+    """[(text, colour name)] of the token boxes, in reading order, and the legend's entries."""
+    from matplotlib.colors import to_hex
+
+    (ax,) = fig.axes
+    name = {v: k for k, v in viz.COLORS.items() if k in ("trained", "ignored", "image", "pad", "wrong")}
+    boxes = [(t.get_text(), name[to_hex(p.get_facecolor())]) for t, p in zip(ax.texts, ax.patches)]
+    assert len(ax.texts) == len(ax.patches)
+    return boxes, [t.get_text() for t in ax.get_legend().get_texts()]
+
+
 def test_plot_label_mask():
     from mmkit.data.processor import Encoded
 
     ids = [1, 10, 11, 4, 4, 4, 11, 12, 2, 11, 1, 13, 11, 12, 2, 11]
     labels = [-100] * 13 + [12, 2, 11]
-    assert isinstance(viz.plot_label_mask(_Tok(), Encoded(ids, labels), title="mask"), Figure)
+    fig = viz.plot_label_mask(_Tok(), Encoded(ids, labels), title="mask")
+    assert isinstance(fig, Figure) and fig.axes[0].get_title() == "mask"
+    boxes, legend = _boxes(fig)
+    prompt = [("<|im_start|>", "ignored"), ("user", "ignored"), ("↵", "ignored"), ("<image> ×3", "image"),
+              ("↵", "ignored"), ("·red", "ignored"), ("<|im_end|>", "ignored"), ("↵", "ignored"),
+              ("<|im_start|>", "ignored"), ("assistant", "ignored"), ("↵", "ignored")]
+    assert boxes == prompt + [("·red", "trained"), ("<|im_end|>", "trained"), ("↵", "trained")]
+    assert legend == ["trained (3)", "ignored = -100 (10)", "image tokens (3)"]
+    # a padded batch row: the padding (attention_mask 0) is dropped, the same boxes remain
     batch = {"input_ids": torch.tensor([ids + [3, 3]]), "labels": torch.tensor([labels + [-100, -100]]),
              "attention_mask": torch.tensor([[1] * 16 + [0, 0]])}
-    assert isinstance(viz.plot_label_mask(_Tok(), batch), Figure)
+    assert _boxes(viz.plot_label_mask(_Tok(), batch)) == (boxes, legend)
     bad = list(labels)
     bad[13] = 2  # a shifted label is drawn, not hidden
-    assert isinstance(viz.plot_label_mask(_Tok(), Encoded(ids, bad)), Figure)
+    boxes, legend = _boxes(viz.plot_label_mask(_Tok(), Encoded(ids, bad)))
+    assert boxes == prompt + [("·red", "wrong"), ("<|im_end|>", "trained"), ("↵", "trained")]
+    assert legend == ["trained (2)", "ignored = -100 (10)", "image tokens (3)", "label != token (1)"]
 
 
 def test_curves_bars_training_table(tmp_path):

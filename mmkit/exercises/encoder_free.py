@@ -13,7 +13,7 @@ from typing import Callable
 
 import torch
 
-from mmkit.exercises import Exercise, _call, _guard, _say, register
+from mmkit.exercises.core import Exercise, _call, _guard, _say, register
 
 _EXPAND = '''\
 def fuyu_expand(height, width, patch_size, image_id, newline_id):

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from mmkit.exercises import Exercise, _call, _guard, _say, register
+from mmkit.exercises.core import Exercise, _call, _guard, _say, register
 
 __all__ = ["check_media_mask", "check_visual_tokens"]
 

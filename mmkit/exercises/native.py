@@ -12,7 +12,7 @@ from typing import Callable
 
 import torch
 
-from mmkit.exercises import Exercise, _call, _guard, _say, register
+from mmkit.exercises.core import Exercise, _call, _guard, _say, register
 
 _ST = '''\
 def straight_through(z, q):
