@@ -310,7 +310,7 @@ class VLM(nn.Module):
         from mmkit.data.images import load_image
         from mmkit.data.processor import IGNORE_INDEX
         from mmkit.nn import inspect
-        from mmkit.vision import _letterbox
+        from mmkit.vision import letterbox
 
         record = self.prompt_record(images, messages)
         record["conversations"].append({"from": "gpt", "value": answer})
@@ -403,7 +403,7 @@ class VLM(nn.Module):
         views = []
         for im in record["images"]:
             im = load_image(im)  # the processor's own loading: transparency on white
-            views.append(_letterbox(im, W / H, fill) if self.image_mode == "pad" else im)
+            views.append(letterbox(im, W / H, fill) if self.image_mode == "pad" else im)
         return {"image_tokens": image_tokens, "grid": grid, "maps": maps, "views": views,
                 "gates": gates, "image_share": share, "source": source}
 

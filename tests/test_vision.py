@@ -300,6 +300,28 @@ def test_preprocess_grayscale_and_rgba():
     torch.testing.assert_close(enc.preprocess(la)[0], -torch.ones(3, 32, 32))
 
 
+def test_preprocess_rescales_16_bit_images_like_load_image():
+    """One RGB conversion for preprocess and load_image: 16-bit gray is rescaled, not clipped to white."""
+    import numpy as np
+
+    from mmkit.data.images import load_image
+
+    enc = _enc(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+    img = Image.fromarray(np.full((32, 32), 32896, dtype=np.uint16))  # mode "I;16", half of 65535
+    px = enc.preprocess(img, mode="resize")[0]
+    torch.testing.assert_close(px, torch.full((3, 32, 32), 128 / 255 * 2 - 1))
+    torch.testing.assert_close(px, enc.preprocess(load_image(img), mode="resize")[0])
+
+
+def test_letterbox_is_public_and_pads_centred():
+    from mmkit.vision import letterbox
+
+    img = Image.new("RGB", (40, 20), (255, 0, 0))
+    out = letterbox(img, 1.0, (1, 2, 3))
+    assert out.size == (40, 40) and out.getpixel((0, 0)) == (1, 2, 3) and out.getpixel((20, 20)) == (255, 0, 0)
+    assert letterbox(img, 2.0, (1, 2, 3)) is img  # already the right aspect ratio
+
+
 def test_preprocess_then_features_end_to_end():
     enc = _enc()
     imgs = [Image.new("RGB", (70, 30), (10, 200, 30)), Image.new("L", (30, 70), 128)]

@@ -1,4 +1,5 @@
-"""The tiny pre-trained encoder and LM: the shipped ones load and are good; the build works."""
+"""The tiny pre-trained encoder and LM (``mmkit.pretrain``, built by ``mmkit.zoo``): the shipped
+ones load and are good; the pre-training pieces work; the build works."""
 from __future__ import annotations
 
 import json
@@ -9,6 +10,18 @@ import torch
 from mmkit import zoo
 from mmkit.data.shapes import ShapesWorld
 from mmkit.paths import assets_dir
+from mmkit.pretrain.clip import (
+    CaptionDecoder,
+    caption_loss,
+    clip_loss,
+    object_token_probe,
+    patch_targets,
+    region_loss,
+    region_phrases,
+    swap_one_shape,
+)
+from mmkit.pretrain.lm import reading_corpus, train_lm
+from mmkit.pretrain.probes import linear_probe, retrieval_r1
 
 SHIPPED = assets_dir() / "tiny"
 needs_assets = pytest.mark.skipif(not (SHIPPED / "vision" / "model.safetensors").exists(),
@@ -20,7 +33,7 @@ def test_shipped_assets_are_small_and_load():
     def mb(*parts):
         return sum(f.stat().st_size for p in parts for f in (SHIPPED / p).rglob("*") if f.is_file()) / 2**20
 
-    # the pre-trained encoder and LM: 25 MB at most together (issue #2); everything shipped,
+    # the pre-trained encoder and LM: 25 MB at most together; everything shipped,
     # the VQ-VAE and the demo's trained family models included: 30 MB
     assert mb("vision", "lm") <= 25, f"tiny vision + lm are {mb('vision', 'lm'):.1f} MB, over 25 MB"
     assert mb(".") <= 30, f"assets/tiny is {mb('.'):.1f} MB, over the 30 MB budget"
@@ -54,15 +67,15 @@ def probe_features():
 @needs_assets
 def test_shipped_encoder_linear_probe_colour(probe_features):
     (fx, cx, _), (vx, cv, _) = probe_features
-    assert zoo.linear_probe(fx.mean(1), cx, vx.mean(1), cv) >= 0.95
+    assert linear_probe(fx.mean(1), cx, vx.mean(1), cv) >= 0.95
 
 
 @needs_assets
 def test_shipped_encoder_linear_probe_shape(probe_features):
     """Shape from the layer -2 tokens max-pooled: the pooling CLIP trained this encoder with
-    (``zoo.image_embedding``), i.e. the probe on the encoder's own image vector (0.98 measured)."""
+    (``mmkit.pretrain.clip.image_embedding``), i.e. the probe on the encoder's own image vector (0.98 measured)."""
     (fx, _, sx), (vx, _, sv) = probe_features
-    assert zoo.linear_probe(fx.amax(1), sx, vx.amax(1), sv) >= 0.95
+    assert linear_probe(fx.amax(1), sx, vx.amax(1), sv) >= 0.95
 
 
 @needs_assets
@@ -71,7 +84,7 @@ def test_shipped_encoder_binds_shape_to_each_objects_own_token():
     needs for "the orange object's shape". 0.94 measured; 0.57 before patch-phrase alignment."""
     from mmkit.vision import load_vision_encoder
 
-    assert zoo.object_token_probe(load_vision_encoder("tiny").eval(), 800, 300) >= 0.88
+    assert object_token_probe(load_vision_encoder("tiny").eval(), 800, 300) >= 0.88
 
 
 @needs_assets
@@ -79,15 +92,23 @@ def test_shipped_encoder_binds_shape_to_each_objects_own_token():
                    "patches) is diluted by the background (0.93 measured, chance 0.17); see docs/benchmarks.md")
 def test_shipped_encoder_linear_probe_shape_mean_pooled(probe_features):
     (fx, _, sx), (vx, _, sv) = probe_features
-    assert zoo.linear_probe(fx.mean(1), sx, vx.mean(1), sv) >= 0.95
+    assert linear_probe(fx.mean(1), sx, vx.mean(1), sv) >= 0.95
 
 
 def test_clip_loss_prefers_matching_pairs():
     a = torch.randn(8, 16)
-    good = zoo.clip_loss(a, a + 0.01 * torch.randn(8, 16), torch.tensor(2.0))
-    bad = zoo.clip_loss(a, torch.randn(8, 16), torch.tensor(2.0))
+    good = clip_loss(a, a + 0.01 * torch.randn(8, 16), torch.tensor(2.0))
+    bad = clip_loss(a, torch.randn(8, 16), torch.tensor(2.0))
     assert good < bad
-    assert zoo.retrieval_r1(a, a) == 1.0
+    assert retrieval_r1(a, a) == 1.0
+
+
+def test_zoo_keeps_the_pretraining_names_notebook_01_uses():
+    from mmkit.pretrain import clip, probes
+
+    for name in ("TextTower", "clip_loss", "image_embedding", "object_token_probe", "region_loss", "train_vision"):
+        assert getattr(zoo, name) is getattr(clip, name)
+    assert zoo.linear_probe is probes.linear_probe and zoo.retrieval_r1 is probes.retrieval_r1
 
 
 def test_conv_stem_keeps_the_token_grid_and_sees_across_patch_borders(tmp_path):
@@ -113,7 +134,7 @@ def test_conv_stem_keeps_the_token_grid_and_sees_across_patch_borders(tmp_path):
 
 def test_caption_decoder_masks_and_reads_the_image():
     torch.manual_seed(0)
-    dec = zoo.CaptionDecoder(vocab_size=50, image_dim=24, dim=32, layers=2, heads=4).eval()
+    dec = CaptionDecoder(vocab_size=50, image_dim=24, dim=32, layers=2, heads=4).eval()
     ids, img = torch.randint(0, 50, (2, 7)), torch.randn(2, 5, 24)
     later = ids.clone()
     later[:, 4:] = (later[:, 4:] + 1) % 50
@@ -129,24 +150,24 @@ def test_caption_decoder_masks_and_reads_the_image():
 
 def test_caption_loss_parallel_prediction_depends_only_on_the_image():
     torch.manual_seed(0)
-    dec = zoo.CaptionDecoder(vocab_size=30, image_dim=16, dim=16, layers=1, heads=2)
+    dec = CaptionDecoder(vocab_size=30, image_dim=16, dim=16, layers=1, heads=2)
     img = torch.randn(3, 4, 16, requires_grad=True)
     ids, mask = torch.randint(1, 30, (3, 6)), torch.ones(3, 6, dtype=torch.long)
     mask[0, 4:] = 0  # padding is not scored
-    loss = zoo.caption_loss(dec, img, ids, mask, start_id=0, parallel=True)
+    loss = caption_loss(dec, img, ids, mask, start_id=0, parallel=True)
     loss.backward()
     assert img.grad.abs().sum() > 0  # the loss trains whatever produced the image tokens
     # parallel: the decoder reads only the start token, so the caption's own tokens cannot leak in
     with torch.no_grad():
         a = dec(torch.zeros_like(ids), img, parallel=True)
-        assert torch.allclose(zoo.caption_loss(dec, img, ids, mask, 0, parallel=True),
+        assert torch.allclose(caption_loss(dec, img, ids, mask, 0, parallel=True),
                               torch.nn.functional.cross_entropy(a.flatten(0, 1), ids.masked_fill(mask == 0, -100).flatten()))
     # a few steps on one fixed batch lower the loss: the decoder learns from image tokens
     opt = torch.optim.AdamW(dec.parameters(), lr=1e-2)
     first = None
     for _ in range(30):
         opt.zero_grad()
-        loss = zoo.caption_loss(dec, img.detach(), ids, mask, 0)
+        loss = caption_loss(dec, img.detach(), ids, mask, 0)
         loss.backward()
         opt.step()
         first = first if first is not None else loss.item()
@@ -158,14 +179,14 @@ def test_hard_negatives_swap_one_shape_and_count_in_the_loss():
 
     world = ShapesWorld(seed=0)
     for i in range(20):
-        true, hard = world.caption(world.scene("train", i)), zoo.swap_one_shape(world, "train", i)
+        true, hard = world.caption(world.scene("train", i)), swap_one_shape(world, "train", i)
         diff = [(a, b) for a, b in zip(true.split(), hard.split()) if a != b]
         assert len(true.split()) == len(hard.split()) and len(diff) == 1, (true, hard)
         assert all(w.strip(",.") in SHAPES for w in diff[0])
     a = torch.randn(8, 16)
-    easy = zoo.clip_loss(a, a, torch.tensor(2.0), hard_txt=-a)
-    close = zoo.clip_loss(a, a, torch.tensor(2.0), hard_txt=a + 0.1 * torch.randn(8, 16))
-    assert zoo.clip_loss(a, a, torch.tensor(2.0)) < easy < close  # a near-copy caption is a harder negative
+    easy = clip_loss(a, a, torch.tensor(2.0), hard_txt=-a)
+    close = clip_loss(a, a, torch.tensor(2.0), hard_txt=a + 0.1 * torch.randn(8, 16))
+    assert clip_loss(a, a, torch.tensor(2.0)) < easy < close  # a near-copy caption is a harder negative
 
 
 def test_patch_targets_mark_each_objects_own_patches_and_the_region_loss_learns_them():
@@ -175,11 +196,11 @@ def test_patch_targets_mark_each_objects_own_patches_and_the_region_loss_learns_
 
     big = Obj("circle", "red", "large", cx=0.5, cy=0.5, r=0.2, rgb=(220, 30, 30))
     tiny = Obj("star", "blue", "small", cx=0.06, cy=0.94, r=0.02, rgb=(30, 30, 220))  # inside one patch
-    t = zoo.patch_targets([SimpleNamespace(objects=[big, tiny])], (8, 8), lambda o: {"circle": 0, "star": 1}[o.shape])
+    t = patch_targets([SimpleNamespace(objects=[big, tiny])], (8, 8), lambda o: {"circle": 0, "star": 1}[o.shape])
     grid = t.view(8, 8)
     assert grid[3:5, 3:5].eq(0).all() and grid[7, 0] == 1 and grid[0, 0] == -1 and grid[0, 7] == -1
     assert int(grid.eq(0).sum()) == 12  # the patch centres within r = 0.2 of the middle (4 + 8 edge-adjacent)
-    phrases = zoo.region_phrases()
+    phrases = region_phrases()
     assert len(phrases) == 96 and len(set(phrases)) == 96 and "small red circle" in phrases
     # the loss falls when each object patch's token moves towards its own phrase
     torch.manual_seed(0)
@@ -188,11 +209,11 @@ def test_patch_targets_mark_each_objects_own_patches_and_the_region_loss_learns_
     opt = torch.optim.Adam([tokens, *proj.parameters()], lr=0.05)
     first = None
     for _ in range(60):
-        loss = zoo.region_loss(tokens, targets, proj, phrase_emb, torch.tensor(2.0))
+        loss = region_loss(tokens, targets, proj, phrase_emb, torch.tensor(2.0))
         opt.zero_grad(); loss.backward(); opt.step()
         first = first if first is not None else loss.item()
     assert loss.item() < 0.3 * first
-    assert zoo.region_loss(tokens, torch.full((2, 64), -1), proj, phrase_emb, torch.tensor(2.0)).item() == 0.0
+    assert region_loss(tokens, torch.full((2, 64), -1), proj, phrase_emb, torch.tensor(2.0)).item() == 0.0
 
 
 def test_reading_corpus_answers_from_its_description():
@@ -200,8 +221,8 @@ def test_reading_corpus_answers_from_its_description():
     from mmkit.data.shapes import ShapesConfig, ShapesWorld
 
     world = ShapesWorld(ShapesConfig(image_size=64), seed=0)
-    docs = zoo.reading_corpus(world, "train", 12, start=100)
-    assert docs == zoo.reading_corpus(world, "train", 12, start=100)  # deterministic
+    docs = reading_corpus(world, "train", 12, start=100)
+    assert docs == reading_corpus(world, "train", 12, start=100)  # deterministic
     assert len(docs) == 12 and len(set(docs)) == 12
     for doc in docs:
         user, assistant = doc.split("<|im_start|>assistant\n")
@@ -217,7 +238,7 @@ def test_train_lm_takes_its_size_and_reading_documents_from_the_settings(tiny_as
     _, _, tok = zoo.load_tiny()
     s = dict(zoo.SETTINGS["smoke"], lm_steps=1, corpus=40, ppl_n=8, reading=8,
              lm_config={"hidden_size": 64, "num_heads": 2, "intermediate_size": 128, "num_layers": 1})
-    lm, report = zoo.train_lm(world, tok, s, progress=False)
+    lm, report = train_lm(world, tok, s, progress=False)
     assert (lm.config.hidden_size, lm.config.num_hidden_layers) == (64, 1) and report["steps"] == 1
 
 

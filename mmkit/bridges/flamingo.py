@@ -561,7 +561,7 @@ class FlamingoVLM(Inspectable, VLM):
         from mmkit.data.images import load_image
         from mmkit.data.processor import IGNORE_INDEX
         from mmkit.nn import inspect
-        from mmkit.vision import _letterbox
+        from mmkit.vision import letterbox
 
         record = self.prompt_record(images, messages)
         record["conversations"].append({"from": "gpt", "value": answer})
@@ -599,7 +599,7 @@ class FlamingoVLM(Inspectable, VLM):
         gates = {f"{kind} layer {i}": v for kind, per in self.gate_values().items() for i, v in per.items()}
         fill = tuple(int(round(c * 255)) for c in getattr(self.vision, "image_mean", (0.5, 0.5, 0.5)))
         H, W = self.image_size
-        views = [_letterbox(load_image(im), W / H, fill) if self.image_mode == "pad" else load_image(im)
+        views = [letterbox(load_image(im), W / H, fill) if self.image_mode == "pad" else load_image(im)
                  for im in record["images"]]
         return {"image_tokens": [len(self.expand_image(p)) for p in pv], "grid": grid, "maps": maps,
                 "views": views, "gates": gates, "image_share": None, "media_tokens": self.bridge.num_latents,

@@ -45,7 +45,7 @@ from typing import Any, Union
 import numpy as np
 from PIL import Image
 
-__all__ = ["ImageError", "load_image", "image_summary", "DEFAULT_MAX_PIXELS"]
+__all__ = ["ImageError", "load_image", "image_summary", "to_rgb", "DEFAULT_MAX_PIXELS"]
 
 # 40 megapixels: larger than any photo a phone takes (~12-50 MP sits around here),
 # far larger than any encoder input (224..1024 px), small enough that one decoded
@@ -134,22 +134,27 @@ def _scale_to_uint8(a: np.ndarray) -> np.ndarray:
     return ((a - lo) * 255 // span).astype(np.uint8)
 
 
-def _composite_on_white(img: Image.Image) -> Image.Image:
+def _composite(img: Image.Image, background: tuple[int, int, int]) -> Image.Image:
     rgba = img.convert("RGBA")
-    white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-    return Image.alpha_composite(white, rgba).convert("RGB")
+    bg = Image.new("RGBA", rgba.size, (*background, 255))
+    return Image.alpha_composite(bg, rgba).convert("RGB")
 
 
-def _to_rgb(img: Image.Image) -> Image.Image:
-    """Any PIL mode -> 8-bit RGB (see the module docstring for the rules)."""
+def to_rgb(img: Image.Image, background: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
+    """Any PIL mode -> 8-bit RGB (see the module docstring for the rules).
+
+    Transparent pixels are composited onto ``background``: white by default (what a
+    person sees in a browser); ``VisionEncoder.preprocess`` passes the encoder's mean
+    colour, so they normalise to ~0 like its letterbox padding.
+    """
     mode = img.mode
     if mode == "RGB":
         return img
     if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-        return _composite_on_white(img)
+        return _composite(img, background)
     if mode == "P":
         if "transparency" in img.info:
-            return _composite_on_white(img.convert("RGBA"))
+            return _composite(img.convert("RGBA"), background)
         return img.convert("RGB")
     if mode.startswith("I") or mode == "F":  # 16/32-bit integer or float gray
         gray = _scale_to_uint8(np.asarray(img))
@@ -213,13 +218,13 @@ def load_image(
             img.load()  # a lazily opened image may still be truncated
         except Exception as e:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError...
             raise _corrupt(name, e, where) from e
-        return _to_rgb(img)
+        return to_rgb(img)
 
     if isinstance(src, np.ndarray) or (hasattr(src, "__array__") and not isinstance(src, (str, Path, bytes, bytearray))):
         img = _array_to_image(np.asarray(src), name, where)
         _check_size(img.width, img.height, name=name, where=where,
                     max_pixels=max_pixels, min_size=min_size)
-        return _to_rgb(img)
+        return to_rgb(img)
 
     if isinstance(src, (bytes, bytearray)):
         if len(src) == 0:
@@ -323,7 +328,7 @@ def _open_and_decode(fp, name: str, where: str, max_pixels: int, min_size: int) 
                 img.load()  # force the full decode: truncated / corrupt data fails *here*
             except Exception as e:  # noqa: BLE001 - OSError mostly, sometimes SyntaxError/ValueError
                 raise _corrupt(name, e, where) from e
-            out = _to_rgb(img)
+            out = to_rgb(img)
             if out is img:
                 out = img.copy()  # detach from the file handle we are about to close
             return out
