@@ -9,9 +9,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmkit.bridges import build_bridge
-from mmkit.bridges.qwen_vl import (PositionAwareAdapter, box_from_pixels, box_to_pixels, draw_boxes,
-                                   format_grounding, parse_grounding)
+from mmkit.bridges.qwen_vl import PositionAwareAdapter
+from mmkit.data.grounding import box_from_pixels, box_to_pixels, format_grounding, parse_grounding
 from mmkit.nn import inspect, resize_pos_embed, sincos_2d
+from mmkit.viz.boxes import draw_boxes
 
 
 # ----------------------------------------------------------------------------------- adapter

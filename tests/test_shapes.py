@@ -1,4 +1,4 @@
-"""Tests for ShapesWorld (mmkit/data/shapes.py): determinism, record format, geometry, answers."""
+"""Tests for ShapesWorld (mmkit/data/shapes/): determinism, record format, geometry, answers."""
 from __future__ import annotations
 
 import itertools
@@ -443,9 +443,23 @@ def test_shapes_module_needs_no_torch():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
-def test_benchmark_runs():
-    out = benchmark(n=100)
-    assert out["samples_per_s"] > 0 and out["n"] == 100
+def test_benchmark_times_exactly_the_samples_it_asks_for(monkeypatch):
+    calls = []
+    sample = ShapesWorld.sample
+
+    def counting(self, split, index, task="vqa", **kw):
+        calls.append((split, index, task, self.size))
+        return sample(self, split, index, task, **kw)
+
+    monkeypatch.setattr(ShapesWorld, "sample", counting)
+    out = benchmark(n=100, size=48, task="caption", split="val")
+    warm_up, timed = calls[:20], calls[20:]
+    assert all(c[1] >= 10**9 for c in warm_up)           # warm-up indices never overlap the timed ones
+    assert timed == [("val", i, "caption", (48, 48)) for i in range(100)]
+    assert (out["n"], out["size"], out["task"]) == (100, 48, "caption")
+    assert out["seconds"] > 0 and out["samples_per_s"] == pytest.approx(100 / out["seconds"])
+    # ~1000 samples/s at 48 px on one busy core; 50/s would mean 20 ms a sample, something broken
+    assert out["samples_per_s"] > 50
 
 
 def test_a_mix_can_fix_the_question_type(world):

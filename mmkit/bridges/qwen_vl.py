@@ -1,4 +1,4 @@
-"""Qwen-VL's position-aware vision-language adapter, and its grounding text format.
+"""Qwen-VL's position-aware vision-language adapter.
 
 Paper: Bai et al., 2023, "Qwen-VL: A Versatile Vision-Language Model for Understanding,
 Localization, Text Reading, and Beyond", Sec. 2.1 and Fig. 3 (the adapter), Sec. 2.2
@@ -34,28 +34,22 @@ grid, run at 128 px (16x16 patches) for grounding.
 Each image is wrapped in ``<img> ... </img>`` (the recipe's ``image_wrap``); several
 images are named in the text, ``Picture 1: <img>...</img>\\nPicture 2: <img>...</img>``.
 
-Grounding text (Sec. 2.2): ``<ref>the red circle</ref><box>(x1,y1),(x2,y2)</box>``,
-corners as integers in [0, 1000), normalised by the image's width and height so one
-string means the same box at any resolution. ``box_from_pixels`` / ``box_to_pixels``
-convert, ``format_grounding`` / ``parse_grounding`` go to and from text (a malformed box
-from a model is reported, not raised), ``draw_boxes`` draws them.
+Grounding (Sec. 2.2) is text, not adapter: ``<ref>the red circle</ref><box>(x1,y1),(x2,y2)</box>``,
+corners as integers in [0, 1000) normalised by the image's width and height. The format lives
+in :mod:`mmkit.data.grounding` (``box_from_pixels``, ``format_grounding``, ``parse_grounding``,
+``box_iou``), and ``mmkit.viz.boxes.draw_boxes`` draws the boxes on an image.
 """
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from mmkit.bridges import Bridge, register_bridge
-from mmkit.data.shapes import Box, _to_box, box_iou, find_boxes, format_ref_box
 from mmkit.nn import Attention, resize_pos_embed, sincos_2d
 
-__all__ = [
-    "PositionAwareAdapter", "box_from_pixels", "box_to_pixels", "format_grounding",
-    "parse_grounding", "draw_boxes", "box_iou",
-]
+__all__ = ["PositionAwareAdapter"]
 
 
 @register_bridge("qwen_vl")
@@ -150,80 +144,3 @@ class PositionAwareAdapter(Bridge):
 
     def extra_repr(self) -> str:
         return f"num_queries={self.num_queries}, query_grid={self.query_grid}, positions={self.positions}"
-
-
-# ------------------------------------------------------------------------------------- grounding
-def _wh(size: int | Sequence[int]) -> tuple[int, int]:
-    """(width, height) from an int, a (width, height) pair, or a PIL image."""
-    if hasattr(size, "size") and not isinstance(size, (tuple, list)):
-        size = size.size  # PIL.Image: (width, height)
-    if isinstance(size, int):
-        return size, size
-    W, H = (int(v) for v in size)
-    return W, H
-
-
-def box_from_pixels(box: Sequence[float], size: int | Sequence[int]) -> Box:
-    """Pixel box (x1, y1, x2, y2) on an image of ``size`` = (width, height) -> Qwen-VL ints.
-
-    Each corner is divided by the image side and scaled to 1000; the box is rounded
-    *outwards* (floor the top-left, ceil the bottom-right, clamp to [0, 999]) so it still
-    covers the object, the same rule ShapesWorld writes its answers with.
-
-    >>> box_from_pixels((32, 16, 96, 64), (128, 128))
-    (250, 125, 750, 500)
-    """
-    W, H = _wh(size)
-    x1, y1, x2, y2 = (float(v) for v in box)
-    if not (x1 < x2 and y1 < y2):
-        raise ValueError(f"box {tuple(box)} is empty: need x1 < x2 and y1 < y2 (pixels, top-left origin)")
-    return _to_box(x1 / W, y1 / H, x2 / W, y2 / H)
-
-
-def box_to_pixels(box: Sequence[int], size: int | Sequence[int]) -> tuple[float, float, float, float]:
-    """Qwen-VL box (ints in [0, 1000)) -> pixel box on an image of ``size`` = (width, height)."""
-    W, H = _wh(size)
-    x1, y1, x2, y2 = box
-    return (x1 * W / 1000, y1 * H / 1000, x2 * W / 1000, y2 * H / 1000)
-
-
-def format_grounding(phrase: str, pixel_box: Sequence[float], size: int | Sequence[int]) -> str:
-    """``"<ref>phrase</ref><box>(x1,y1),(x2,y2)</box>"`` for a pixel box."""
-    return format_ref_box(phrase, box_from_pixels(pixel_box, size))
-
-
-def parse_grounding(text: str, size: int | Sequence[int] | None = None) -> tuple[list[tuple[str | None, tuple]], list[str]]:
-    """Boxes in a model's answer: ``(boxes, malformed)``, never raises.
-
-    ``boxes``: ``(phrase or None, box)`` in order, in pixels when ``size`` is given, else in
-    the 0-1000 ints. ``malformed``: the fragments that look like a box but are not one
-    (``<box>(12,40)</box>``, a corner >= 1000, x1 >= x2, an unclosed tag): report them.
-    """
-    boxes, bad = find_boxes(text)
-    if size is not None:
-        boxes = [(phrase, box_to_pixels(b, size)) for phrase, b in boxes]
-    return boxes, bad
-
-
-def draw_boxes(image: Any, boxes: Mapping[str, Sequence[int] | None] | Sequence, *, colors: Sequence[str] | None = None,
-               width: int = 2, scale: int = 2):
-    """The image (upscaled ``scale`` x, nearest) with Qwen-VL boxes drawn on it -> PIL image.
-
-    ``boxes``: {label: box in 0-1000 ints, or None (skipped)} drawn in order with
-    ``colors`` (default: black for the first, e.g. the truth, then magenta, blue, ...;
-    no ShapesWorld object has these colours), or a plain list.
-    """
-    from PIL import Image, ImageDraw
-
-    img = image if isinstance(image, Image.Image) else Image.fromarray(image)
-    img = img.convert("RGB")
-    img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
-    items = list(boxes.items()) if isinstance(boxes, Mapping) else [(str(i), b) for i, b in enumerate(boxes)]
-    palette = list(colors or ["#000000", "#ff00ff", "#1f77b4", "#d62728", "#9467bd"])
-    d = ImageDraw.Draw(img)
-    for i, (_label, b) in enumerate(items):
-        if b is None:
-            continue
-        x1, y1, x2, y2 = box_to_pixels(b, img.size)
-        d.rectangle([x1, y1, x2 - 1, y2 - 1], outline=palette[i % len(palette)], width=width)
-    return img

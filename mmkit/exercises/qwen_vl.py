@@ -69,8 +69,8 @@ def key_positions(pos_embed, query_grid, patch_grid):
 
 @_guard
 def check_pixel_box_to_qwen(fn: Callable) -> bool:
-    """``pixel_box_to_qwen(box, width, height)`` against ``mmkit.bridges.qwen_vl.box_from_pixels``."""
-    from mmkit.bridges.qwen_vl import box_from_pixels
+    """``pixel_box_to_qwen(box, width, height)`` against ``mmkit.data.grounding.box_from_pixels``."""
+    from mmkit.data.grounding import box_from_pixels
 
     cases = [  # (box, W, H, what)
         ((32, 16, 96, 64), 128, 128, "a box on a 128 px square image"),

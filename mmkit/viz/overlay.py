@@ -96,7 +96,7 @@ def show_heatmaps(image: Any, maps: Mapping[str, Any] | Any, grid: tuple[int, in
 def show_images(images: Mapping[str, Any] | Any, *, cols: int = 4, panel_size: float = 2.4,
                 title: str | None = None):
     """Images side by side, one panel each: ``{label: image}`` or a list (e.g. the boxes of
-    ``mmkit.bridges.qwen_vl.draw_boxes`` drawn on test images, labelled with their IoU)."""
+    ``mmkit.viz.boxes.draw_boxes`` drawn on test images, labelled with their IoU)."""
     items = list(images.items()) if isinstance(images, Mapping) else [("", im) for im in images]
     if not items:
         raise ValueError("show_images: no images to draw")
