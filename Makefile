@@ -1,6 +1,7 @@
 # mmkit: two commands do all the set-up (see README.md).
 #   make demo   create .venv, install mmkit, launch the main job
 #   make test   create .venv, install mmkit[dev], run the tests and the notebooks (SMOKE=1)
+#   make test-fast   the unit tests only, without those marked slow (a quick loop while editing)
 # Both are safe to re-run: the install step runs again only when pyproject.toml or the lock changes.
 #
 # Versions: pyproject.toml lists the dependencies with lower bounds; requirements.lock pins the
@@ -22,7 +23,7 @@ TEST_CMD = SMOKE=1 MPLBACKEND=Agg $(1) -m pytest -q tests --nbmake notebooks
 PY  := $(VENV)/bin/python
 PIP := $(PY) -m pip
 
-.PHONY: demo test install env lock test-latest
+.PHONY: demo test test-fast install env lock test-latest
 
 $(VENV)/.installed: pyproject.toml $(LOCK)
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 10), "mmkit needs Python 3.10+, found " + sys.version' 
@@ -39,6 +40,11 @@ demo: install
 
 test: install
 	$(call TEST_CMD,$(PY))
+
+# The unit tests without the notebooks and without the tests marked slow (two-process
+# training, the smoke zoo build): a quick loop while editing. `make test` runs everything.
+test-fast: install
+	MPLBACKEND=Agg $(PY) -m pytest -q -m "not slow" tests
 
 # Re-resolve the lock for Python >= 3.10 on every platform, newest releases within pyproject.toml.
 lock: install

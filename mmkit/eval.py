@@ -13,7 +13,13 @@ scores the text it writes:
              scene: precision, recall, F1, and CHAIR_i (share of mentioned objects that
              are not in the picture: hallucination)
     draw     text -> image, for models that write pictures (``writes_images``): each
-             drawing parsed back into objects (``mmkit.native.unified.evaluate_drawing``)
+             drawing parsed back into objects (``evaluate_drawing``)
+
+Beyond ``evaluate``'s tasks, two evaluations that need more than a question:
+
+    retrieval   image <-> text R@1 in a BLIP-2 Q-Former's ITC space (``retrieval``)
+    few-shot    interleaved documents with 0, 2, 4 solved examples before the query
+                image (Flamingo, KOSMOS-1, PaLM-E: ``evaluate_few_shot``)
 
 ``blind=True`` asks the same questions with the image removed: the language model's
 priors alone. A bridge is only worth something by how far it beats this baseline.
@@ -29,13 +35,28 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
-from typing import Any
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor
 
 from mmkit.language import IMAGE_TOKEN
 
-__all__ = ["evaluate", "TASKS", "strip_images", "describe_images"]
+__all__ = ["evaluate", "TASKS", "strip_images", "describe_images", "model_world", "evaluate_drawing",
+           "itc_embed", "retrieval", "few_shot_record", "evaluate_few_shot", "FEW_SHOT_TASKS"]
 
 TASKS = ("vqa", "pope", "ground", "caption", "draw")
+
+
+def model_world(model, image_size: int | None = None, **config):
+    """The ShapesWorld a model was trained in: image size, ``Recipe.shapes`` settings and seed
+    from ``model.recipe`` (64 px, defaults and seed 0 without one); ``config`` overrides."""
+    from mmkit.data.shapes import ShapesConfig, ShapesWorld
+
+    recipe = getattr(model, "recipe", None)
+    size = image_size or getattr(recipe, "image_size", 64)
+    cfg = {"image_size": size, **(getattr(recipe, "shapes", {}) or {}), **config}
+    return ShapesWorld(ShapesConfig(**cfg), seed=getattr(recipe, "seed", 0))
 
 
 def strip_images(record: dict) -> dict:
@@ -186,17 +207,10 @@ def evaluate(
         if not getattr(model, "writes_images", False):
             raise ValueError("task 'draw' needs a model that writes images (a native model such as "
                              "unified-tiny); this one only reads them")
-        from mmkit.native.unified import evaluate_drawing
-
         return evaluate_drawing(model, n=n, split=split, world=world, batch_size=batch_size)
     if task not in _METRICS:
         raise ValueError(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
-    if world is None:
-        from mmkit.data.shapes import ShapesConfig, ShapesWorld
-
-        recipe = getattr(model, "recipe", None)
-        cfg = {"image_size": getattr(recipe, "image_size", 64), **(getattr(recipe, "shapes", {}) or {})}
-        world = ShapesWorld(ShapesConfig(**cfg), seed=getattr(recipe, "seed", 0))
+    world = world or model_world(model)
     shapes_task = "caption" if task == "caption" else task
     records = _records(shapes_task, split, n, world)
     if oracle:
@@ -217,4 +231,175 @@ def evaluate(
             {"id": r["id"], "question": r["conversations"][0]["value"], "answer": _answer(r), "prediction": p}
             for r, p in zip(records, preds)
         ]
+    return out
+
+
+# ------------------------------------------------------------------ drawing (text -> image)
+def evaluate_drawing(model, *, n: int = 100, split: str = "test", world=None, batch_size: int = 16,
+                     image_temperature: float = 1.0, seed: int = 0, return_samples: int = 0) -> dict[str, Any]:
+    """Text -> image: ask for ``n`` ShapesWorld "draw" prompts and check each picture.
+
+    The checker (``mmkit.native.checker.check_drawing``) parses the drawing back into
+    objects with the scene renderer's own colours and shapes. Returns ``ok`` (share of
+    drawings in which every described object is found: colour and shape), ``object_recall``
+    (share of described objects found), ``color_recall`` (share of described objects whose
+    colour appears in the drawing, whatever the shape), ``drawn`` (share of replies holding a picture),
+    ``extra`` (objects drawn but not asked for, per drawing) and optionally
+    ``samples``: ``return_samples`` dicts ``{"prompt", "image", "truth", "found", "ok"}``.
+    """
+    from mmkit.native.checker import check_drawing
+
+    world = world or model_world(model, image_size=model.image_size[0])
+    torch.manual_seed(seed)  # the pictures are sampled: the same seed gives the same drawings
+    records = [world.sample(split, i, "draw") for i in range(n)]
+    prompts = [{**r, "image": None, "conversations": r["conversations"][:1]} for r in records]
+    replies: list[dict] = []
+    for s in range(0, n, batch_size):
+        replies += model.generate(records=prompts[s:s + batch_size], max_new_tokens=4,
+                                  image_temperature=image_temperature, return_images=True)
+    ok = found = wanted = drawn = extra = colours = 0
+    samples = []
+    for r, rep in zip(records, replies):
+        scene = r["meta"]["scene"]
+        wanted += len(scene.objects)
+        if not rep["images"]:
+            if len(samples) < return_samples:
+                samples.append({"prompt": r["meta"]["prompt"], "image": None, "truth": r["image"],
+                                "found": [], "ok": False})
+            continue
+        drawn += 1
+        res = check_drawing(rep["images"][0], scene)
+        ok += bool(res["ok"])
+        found += len(res["found"])
+        drawn_colours = {o["color"] for o in res["objects"]}
+        colours += sum(o.color in drawn_colours for o in scene.objects)
+        extra += len(res["extra"])
+        if len(samples) < return_samples:
+            samples.append({"prompt": r["meta"]["prompt"], "image": rep["images"][0], "truth": r["image"],
+                            "found": res["found"], "ok": bool(res["ok"])})
+    out = {"task": "draw", "split": split, "n": n, "ok": ok / max(1, n), "object_recall": found / max(1, wanted),
+           "color_recall": colours / max(1, wanted), "drawn": drawn / max(1, n), "extra": extra / max(1, drawn)}
+    if return_samples:
+        out["samples"] = samples
+    return out
+
+
+# ------------------------------------------------------------------ retrieval (BLIP-2 ITC)
+@torch.no_grad()
+def itc_embed(model, images: list, captions: list[str]) -> tuple[Tensor, Tensor]:
+    """A BLIP-2 model's ITC vectors for PIL images and caption strings: (N, Q, E) and (M, E)."""
+    ids = [model.tokenizer(c, add_special_tokens=False)["input_ids"] for c in captions]
+    end = model.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    max_len = model.bridge.qformer.config.max_position_embeddings - 1
+    ids = [(i + [end])[:max_len] for i in ids]
+    L = max(len(i) for i in ids)
+    text = torch.zeros(len(ids), L, dtype=torch.long)
+    mask = torch.zeros_like(text)
+    for k, i in enumerate(ids):
+        text[k, : len(i)] = torch.tensor(i)
+        mask[k, : len(i)] = 1
+    device = next(model.bridge.parameters()).device
+    was_training = model.training
+    model.eval()  # no dropout: the same inputs always give the same vectors
+    try:
+        feats = model.image_features(model.preprocess(images).to(device))  # (N, P, D_v)
+        # the uni-modal mask keeps the two apart, so they can be encoded in separate
+        # passes of any sizes (the test checks this equals the joint ITC pass)
+        return model.bridge.image_itc(feats), model.bridge.text_itc(text.to(device), mask.to(device))
+    finally:
+        model.train(was_training)
+
+
+def retrieval(model, n: int = 100, split: str = "test", world=None, start: int = 0) -> dict[str, Any]:
+    """Image <-> text retrieval on ``n`` held-out ShapesWorld caption pairs (ITC similarity).
+
+    Returns R@1 both ways among the ``n`` candidates, and the (n, n) similarity matrix.
+    """
+    world = world or model_world(model)
+    records = [world.sample(split, start + i, task="caption") for i in range(n)]
+    images = [r["image"] for r in records]
+    captions = [r["conversations"][-1]["value"] for r in records]
+    z, t = itc_embed(model, images, captions)
+    with torch.no_grad():
+        sim = model.bridge.similarity(z, t).cpu()  # (n, n)
+    same = torch.tensor([[a == b for b in captions] for a in captions])  # equal captions both count
+    i2t = same[torch.arange(n), sim.argmax(1)].float().mean().item()
+    t2i = same[sim.argmax(0), torch.arange(n)].float().mean().item()
+    return {"i2t_r1": i2t, "t2i_r1": t2i, "n": n, "similarity": sim, "captions": captions, "images": images}
+
+
+# ------------------------------------------------------------------ few-shot (interleaved documents)
+#: Few-shot tasks. "vqa": the interleaved question format of training ("Question: ..
+#: Answer: .."). "color" / "shape": an answer format never trained: single-object pictures
+#: labelled with one word, the object's colour (or shape); no question says which, so only
+#: the solved examples can tell the model what is asked.
+FEW_SHOT_TASKS = ("vqa", "color", "shape")
+_SHOT_OFFSET = 1_000_000  # shots come from indices far from the queries'
+
+
+def few_shot_record(world, split: str, index: int, shots: int, task: str = "color") -> dict:
+    """An interleaved prompt: ``shots`` solved examples, then the query image (Flamingo Sec. 3).
+
+    The query of ``(split, index)`` is the same for every shot count, so accuracies at 0, 2
+    and 4 shots differ only by the examples. Single-object worlds make "color"/"shape"
+    unambiguous; pass ``ShapesWorld(ShapesConfig(min_objects=1, max_objects=1))``.
+    """
+    if task not in FEW_SHOT_TASKS:
+        raise ValueError(f"few-shot task must be one of {FEW_SHOT_TASKS}, got {task!r}")
+    shot_ids = [_SHOT_OFFSET + index * 8 + j for j in range(shots)]
+    if task == "vqa":
+        query = world.sample(split, index, "vqa")
+        qtype = query["meta"]["qtype"]
+        examples = [world.sample(split, i, "vqa", qtype=qtype) for i in shot_ids]
+        question = lambda r: r["conversations"][0]["value"].replace("<image>\n", "")  # noqa: E731
+        doc = "".join(f"<image>\nQuestion: {question(r)} Answer: {r['meta']['answer']}\n" for r in examples)
+        doc += f"<image>\nQuestion: {question(query)} Answer:"
+        answer = query["meta"]["answer"]
+        images = [r["image"] for r in examples] + [query["image"]]
+    else:
+        scenes = [world.scene(split, i) for i in shot_ids] + [world.scene(split, index)]
+        if any(len(s.objects) != 1 for s in scenes):
+            raise ValueError(f"few-shot task {task!r} needs single-object scenes: use a world with "
+                             "ShapesConfig(min_objects=1, max_objects=1)")
+        labels = [getattr(s.objects[0], task) for s in scenes]
+        doc = "".join(f"<image>\n{a}\n" for a in labels[:-1]) + "<image>\n"
+        answer, images = labels[-1], [world.render(s) for s in scenes]
+    return {"id": f"{split}/{index}/fewshot-{task}-{shots}", "images": images,
+            "conversations": [{"from": "human", "value": doc}, {"from": "gpt", "value": answer}],
+            "meta": {"task": task, "shots": shots, "answer": answer}}
+
+
+def evaluate_few_shot(model, task: str = "color", shots: Sequence[int] = (0, 2, 4), *, n: int = 100,
+                      split: str = "test", world=None, batch_size: int = 16, max_new_tokens: int = 6,
+                      return_predictions: bool = False) -> dict[str, Any]:
+    """Accuracy per shot count on ``n`` queries (greedy answers, normalised exact match).
+
+    Only the first line of each answer counts (the examples end their answers there).
+    Returns ``{"task", "n", "accuracy": {shots: acc}, "format": {shots: share}}`` where
+    ``format`` is the share of answers that are one word of the asked kind (a colour for
+    "color", a shape for "shape"; for "vqa" any single word): did the model pick up the
+    answer format from the examples, right or wrong?
+    """
+    from mmkit.data.shapes import COLORS, SHAPES, normalize_answer
+
+    if world is None:
+        world = model_world(model) if task == "vqa" else model_world(model, min_objects=1, max_objects=1)
+    kind = {"color": set(COLORS), "shape": set(SHAPES)}.get(task)
+    out: dict[str, Any] = {"task": task, "n": n, "accuracy": {}, "format": {}}
+    preds_all = {}
+    for k in shots:
+        records = [few_shot_record(world, split, i, k, task) for i in range(n)]
+        preds = []
+        for s in range(0, n, batch_size):
+            preds += model.generate(records=records[s:s + batch_size], max_new_tokens=max_new_tokens)
+        gold = [normalize_answer(r["meta"]["answer"]) for r in records]
+        # an answer ends its line: a document model goes on writing the document after it
+        # ("red\n<image>..."), so only the first line is the answer (Flamingo's stop sequence)
+        got = [normalize_answer(p.strip().split("\n")[0]) for p in preds]
+        out["accuracy"][k] = sum(g == p for g, p in zip(gold, got)) / max(1, n)
+        one_word = [p for p in got if len(p.split()) == 1]
+        out["format"][k] = sum(1 for p in one_word if kind is None or p in kind) / max(1, n)
+        preds_all[k] = [{"id": r["id"], "answer": r["meta"]["answer"], "prediction": p} for r, p in zip(records, preds)]
+    if return_predictions:
+        out["predictions"] = preds_all
     return out

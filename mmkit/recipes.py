@@ -22,7 +22,7 @@ import json
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Callable
 
-__all__ = ["Stage", "Recipe", "RECIPES", "get_recipe", "register_recipe", "apply_overrides"]
+__all__ = ["Stage", "Recipe", "RECIPES", "get_recipe", "register_recipe", "apply_overrides", "scale_budget"]
 
 GROUPS = ("vision", "bridge", "lm", "lora")
 
@@ -168,6 +168,24 @@ def _set_path(obj: Any, path: list[str], value: Any, full: str) -> None:
         setattr(obj, key, value)
     else:
         _set_path(getattr(obj, key), rest, value, full)
+
+
+def scale_budget(recipe, total_steps: int, batch_size: int | None = None):
+    """A copy of ``recipe`` whose stages share ``total_steps`` in their original proportions.
+
+    Comparing families "on the same data and budget" means the same number of optimizer
+    steps (and batch size) for each; every stage keeps at least one step.
+    """
+    r = copy.deepcopy(recipe)
+    old = r.total_steps()
+    steps = [max(1, round(s.steps * total_steps / old)) for s in r.stages]
+    steps[-1] = max(1, total_steps - sum(steps[:-1]))  # exact total
+    for s, n in zip(r.stages, steps):
+        s.steps = n
+        s.warmup_steps = min(s.warmup_steps, max(1, n // 10))
+        if batch_size is not None:
+            s.batch_size = batch_size
+    return r
 
 
 def apply_overrides(recipe: Recipe, overrides: list[str] | None) -> Recipe:

@@ -42,12 +42,14 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from mmkit.callbacks import AccuracyTracker, Callback, StopTraining
 from mmkit.language import is_adapter_param
 from mmkit.recipes import Recipe, Stage
 
 __all__ = [
     "Trainer", "Callback", "TrainData", "save_checkpoint", "load_model", "find_checkpoint",
     "CheckpointError", "trainable_state_dict", "set_trainable", "load_trained_weights", "export_merged",
+    "StopTraining", "train_and_track",
 ]
 
 CKPT = "checkpoint"
@@ -350,20 +352,6 @@ def _set_rng_state(st: dict[str, Any]) -> None:
 
 
 # ------------------------------------------------------------------------ callbacks
-class Callback:
-    """Override what you need; ``logs`` has stage, step, global_step, loss, lr, ..."""
-
-    def on_stage_start(self, trainer: "Trainer", stage: Stage) -> None: ...
-
-    def on_step_end(self, trainer: "Trainer", logs: dict[str, Any]) -> None: ...
-
-    def on_stage_end(self, trainer: "Trainer", stage: Stage) -> None: ...
-
-
-class StopTraining(Exception):
-    """Raised by a callback to stop (the last checkpoint stays valid)."""
-
-
 # -------------------------------------------------------------------------- trainer
 @dataclass
 class Trainer:
@@ -561,3 +549,20 @@ class Trainer:
                 bar.close()
         self.model.eval()
         return self.model
+
+
+def train_and_track(recipe, out_dir: str | Path, at: Sequence[int], *, task: str = "vqa", n: int = 100,
+                    progress: bool = False) -> dict[int, float]:
+    """Build ``recipe``'s model, train it (fresh, no resume) and return {step: accuracy}.
+
+    Step 0 (before any training) is measured too when 0 is in ``at``.
+    """
+    from mmkit.eval import evaluate
+    from mmkit.vlm import build_model
+
+    model = build_model(recipe)
+    tracker = AccuracyTracker([a for a in at if a > 0], task=task, n=n)
+    if 0 in at:
+        tracker.history[0] = float(evaluate(model, task, n=n)[tracker.metric])
+    Trainer(model, recipe, out_dir, callbacks=[tracker], progress=progress).train(resume=False)
+    return dict(sorted(tracker.history.items()))

@@ -20,7 +20,8 @@ sampling, stopping), so every family gets the same decoding for free.
 """
 from __future__ import annotations
 
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from typing import Any, Sequence
 
 import torch
@@ -30,7 +31,8 @@ from mmkit.bridges import Bridge
 from mmkit.data.processor import Processor
 from mmkit.language import IMAGE_TOKEN
 
-__all__ = ["VLM", "VLMOutput", "MergeError", "build_model", "build_prefix", "register_family", "FAMILIES"]
+__all__ = ["VLM", "VLMOutput", "MergeError", "build_model", "build_prefix", "register_family", "FAMILIES",
+           "family_builder", "load_parts", "vlm_options"]
 
 
 class MergeError(ValueError):
@@ -182,9 +184,16 @@ class VLM(nn.Module):
         **lm_kwargs: Any,
     ) -> VLMOutput:
         """Teacher-forced pass: returns ``loss`` (if labels are given) and ``logits``."""
-        embeds = self.embed(input_ids, pixel_values)
-        out = self.lm(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels, **lm_kwargs)
+        with self.lm_inputs(input_ids, pixel_values) as inputs:
+            out = self.lm(**inputs, attention_mask=attention_mask, labels=labels, **lm_kwargs)
         return VLMOutput(loss=out.loss, logits=out.logits)
+
+    @contextmanager
+    def lm_inputs(self, input_ids: Tensor, pixel_values: Tensor | None) -> Iterator[dict[str, Tensor]]:
+        """What the LM is called with, in ``forward`` and ``generate`` alike: here the merged
+        ``inputs_embeds`` (the prefix path). A family whose images reach the LM another way
+        overrides this (Flamingo: the token ids, with the images attended to from inside)."""
+        yield {"inputs_embeds": self.embed(input_ids, pixel_values)}
 
     # ---------------------------------------------------------------- generate
     def stop_token_ids(self) -> list[int]:
@@ -230,37 +239,43 @@ class VLM(nn.Module):
         Returns the decoded answers. Batched prompts are left-padded, so greedy answers
         are the same as one-by-one.
         """
+        input_ids, attention_mask, pv = self.prompt_batch(images, messages, records)
+        was_training = self.training
+        self.eval()
+        try:
+            with self.lm_inputs(input_ids, pv) as inputs:
+                sample = temperature > 0
+                out = self.lm.generate(
+                    **inputs,
+                    attention_mask=attention_mask,
+                    max_new_tokens=max_new_tokens,
+                    do_sample=sample,
+                    temperature=temperature if sample else None,
+                    top_p=top_p if sample else None,
+                    top_k=None,
+                    eos_token_id=self.stop_token_ids(),
+                    pad_token_id=self.tokenizer.pad_token_id,
+                    streamer=streamer,
+                    **gen_kwargs,
+                )
+        finally:
+            self.train(was_training)
+        if "input_ids" in inputs:  # from ids, generate returns prompt + answer; from embeddings, the answer
+            out = out[:, input_ids.shape[1]:]
+        return [self.tokenizer.decode(row, skip_special_tokens=True).strip() for row in out]
+
+    def prompt_batch(self, images: Sequence | None = None, messages: str | list[dict] | None = None,
+                     records: Sequence[dict] | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
+        """One prompt (``images``, ``messages``) or a batch of ``records`` -> left-padded
+        ``input_ids`` (B, T), ``attention_mask`` (B, T) and pixel values, on the model's device."""
         if records is None:
             records = [self.prompt_record(images, messages or "")]
         batch = self.processor(records, for_generation=True)
         device = next(self.lm.parameters()).device
-        input_ids = batch["input_ids"].to(device)
-        attention_mask = batch["attention_mask"].to(device)
         pv = batch["pixel_values"]
         if isinstance(pv, Tensor):
             pv = pv.to(device=device, dtype=self.pixel_dtype())
-        was_training = self.training
-        self.eval()
-        try:
-            embeds = self.embed(input_ids, pv)
-            sample = temperature > 0
-            out = self.lm.generate(
-                inputs_embeds=embeds,
-                attention_mask=attention_mask,
-                max_new_tokens=max_new_tokens,
-                do_sample=sample,
-                temperature=temperature if sample else None,
-                top_p=top_p if sample else None,
-                top_k=None,
-                eos_token_id=self.stop_token_ids(),
-                pad_token_id=self.tokenizer.pad_token_id,
-                streamer=streamer,
-                **gen_kwargs,
-            )
-        finally:
-            self.train(was_training)
-        # With only inputs_embeds, generate returns just the new tokens.
-        return [self.tokenizer.decode(row, skip_special_tokens=True).strip() for row in out]
+        return batch["input_ids"].to(device), batch["attention_mask"].to(device), pv
 
     # ------------------------------------------------------------------ groups
     def module_groups(self) -> dict[str, nn.Module]:
@@ -307,50 +322,24 @@ class VLM(nn.Module):
                           image's tokens (LM-attention case only, else None)
             source        one line: what the maps show
         """
-        from mmkit.data.images import load_image
-        from mmkit.data.processor import IGNORE_INDEX
         from mmkit.nn import inspect
-        from mmkit.vision import letterbox
 
-        record = self.prompt_record(images, messages)
-        record["conversations"].append({"from": "gpt", "value": answer})
-        batch = self.processor([record])  # right padding, labels on the assistant turns
-        device = next(self.lm.parameters()).device
-        ids = batch["input_ids"].to(device)  # (1, T)
-        mask = batch["attention_mask"].to(device)
-        pv = batch["pixel_values"]
-        if not isinstance(pv, Tensor):
-            raise ValueError("explain needs at least one image (maps are drawn over the image)")
-        pv = pv.to(device=device, dtype=self.pixel_dtype())
+        record, ids, mask, pv, labels = self.explain_batch(images, messages, answer)
         n_img = pv.shape[0]
         grid = tuple(self.image_grid(pv))
         image_tokens = [len(self.processor.expand(p)) for p in pv.cpu()]
-
-        # The query rows: positions whose next-token prediction is a token of the last
-        # answer (the last run of labelled tokens; earlier turns' answers are context).
-        labelled = (batch["labels"][0] != IGNORE_INDEX).long()  # (T,)
-        starts = (labelled.diff(prepend=labelled.new_zeros(1)) == 1).nonzero().flatten()
-        predicts = torch.zeros_like(labelled, dtype=torch.bool)
-        if starts.numel():
-            last = labelled.clone()
-            last[: int(starts[-1])] = 0
-            predicts[:-1] = last[1:].bool()  # (T,)
+        predicts = answer_rows(labels)  # (T,): the positions that predict the last answer
 
         was_training = self.training
         self.eval()
-        base = self.lm.get_base_model() if hasattr(self.lm, "get_base_model") else self.lm
-        old_impl = base.config._attn_implementation
         try:
             with inspect(self) as seen:
                 embeds = self.embed(ids, pv)  # (1, T, D); the bridge records its attention here
                 bridge_maps = self.bridge.attention_maps(seen)
                 want_lm = bridge_maps is None
-                if want_lm and old_impl != "eager":
-                    base.set_attn_implementation("eager")
-                out = self.lm(inputs_embeds=embeds, attention_mask=mask, output_attentions=want_lm)
+                with eager_attention(self.lm) if want_lm else nullcontext():
+                    out = self.lm(inputs_embeds=embeds, attention_mask=mask, output_attentions=want_lm)
         finally:
-            if base.config._attn_implementation != old_impl:
-                base.set_attn_implementation(old_impl)
             self.train(was_training)
 
         def on_grid(flat: Tensor) -> Any:  # (T_img,) -> (h', w') numpy, sums to 1
@@ -398,32 +387,79 @@ class VLM(nn.Module):
         gates = {k: float(v) for k, v in seen.items()
                  if "gate" in k.lower() and isinstance(v, Tensor) and v.numel() == 1} or None
 
+        return {"image_tokens": image_tokens, "grid": grid, "maps": maps, "views": self.framed_views(record["images"]),
+                "gates": gates, "image_share": share, "source": source}
+
+    def explain_batch(self, images: Sequence, messages: str | list[dict], answer: str):
+        """The one teacher-forced sample ``explain`` runs: ``(record, ids (1, T), mask (1, T),
+        pixel values, labels (T,))``, with the answer as the last assistant turn."""
+        record = self.prompt_record(images, messages)
+        record["conversations"].append({"from": "gpt", "value": answer})
+        batch = self.processor([record])  # right padding, labels on the assistant turns
+        device = next(self.lm.parameters()).device
+        pv = batch["pixel_values"]
+        if not isinstance(pv, Tensor):
+            raise ValueError("explain needs at least one image (maps are drawn over the image)")
+        pv = pv.to(device=device, dtype=self.pixel_dtype())
+        return record, batch["input_ids"].to(device), batch["attention_mask"].to(device), pv, batch["labels"][0]
+
+    def framed_views(self, images: Sequence) -> list:
+        """Each image as the model framed it (letterboxed in "pad" mode), at its own resolution:
+        ``explain``'s maps drawn over these land on the right pixels."""
+        from mmkit.data.images import load_image
+        from mmkit.vision import letterbox
+
         fill = tuple(int(round(c * 255)) for c in getattr(self.vision, "image_mean", (0.5, 0.5, 0.5)))
         H, W = self.image_size
-        views = []
-        for im in record["images"]:
-            im = load_image(im)  # the processor's own loading: transparency on white
-            views.append(letterbox(im, W / H, fill) if self.image_mode == "pad" else im)
-        return {"image_tokens": image_tokens, "grid": grid, "maps": maps, "views": views,
-                "gates": gates, "image_share": share, "source": source}
+        views = [load_image(im) for im in images]  # the processor's own loading: transparency on white
+        return [letterbox(im, W / H, fill) for im in views] if self.image_mode == "pad" else views
+
+
+def answer_rows(labels: Tensor) -> Tensor:
+    """(T,) labels -> (T,) bool: the positions whose next-token prediction is a token of the
+    last answer (the last run of labelled tokens; earlier turns' answers are context)."""
+    from mmkit.data.processor import IGNORE_INDEX
+
+    labelled = (labels != IGNORE_INDEX).long()  # (T,)
+    starts = (labelled.diff(prepend=labelled.new_zeros(1)) == 1).nonzero().flatten()
+    predicts = torch.zeros_like(labelled, dtype=torch.bool)
+    if starts.numel():
+        last = labelled.clone()
+        last[: int(starts[-1])] = 0
+        predicts[:-1] = last[1:].bool()  # position t predicts token t+1
+    return predicts
+
+
+@contextmanager
+def eager_attention(lm: nn.Module) -> Iterator[None]:
+    """Run ``lm`` with eager attention inside the block (SDPA returns no weights), then
+    restore its implementation, also when the block raises."""
+    base = lm.get_base_model() if hasattr(lm, "get_base_model") else lm
+    old = base.config._attn_implementation
+    if old != "eager":
+        base.set_attn_implementation("eager")
+    try:
+        yield
+    finally:
+        if base.config._attn_implementation != old:
+            base.set_attn_implementation(old)
 
 
 # -------------------------------------------------------------------------- builder
-# recipe.family -> builder(recipe, pretrained) -> model. "prefix" (LLaVA, BLIP-2, Qwen-VL:
-# bridge tokens written into the LM's input) is built below; families whose image
-# features reach the LM another way (Flamingo's cross-attention, Fuyu's raw patches,
-# native models) register their own builder in their module.
-FAMILIES: dict[str, Any] = {}
-
-# family name -> module that registers it (imported on first use)
-_FAMILY_MODULES = {
-    "blip2": "mmkit.bridges.blip2",
-    "instructblip": "mmkit.bridges.blip2",
-    "flamingo": "mmkit.bridges.flamingo",
-    "fuyu": "mmkit.encoder_free.fuyu",
-    "eve": "mmkit.encoder_free.eve",
-    "interleaved": "mmkit.native.interleaved",
-    "unified": "mmkit.native.unified",
+# recipe.family -> its builder(recipe, pretrained) -> model: the one registry of families.
+# "prefix" (LLaVA, BLIP-2's stage 2, Qwen-VL: bridge tokens written into the LM's input) is
+# built here; a family whose image features reach the LM another way (Flamingo's
+# cross-attention, Fuyu's raw patches, native models) has its builder in its own module,
+# named here as "module:function" and imported on first use. ``register_family`` adds one.
+FAMILIES: dict[str, Any] = {
+    "prefix": "mmkit.vlm:build_prefix",
+    "blip2": "mmkit.bridges.blip2:build_blip2",
+    "instructblip": "mmkit.bridges.blip2:build_instructblip",
+    "flamingo": "mmkit.bridges.flamingo:build_flamingo",
+    "fuyu": "mmkit.encoder_free.fuyu:build_fuyu",
+    "eve": "mmkit.encoder_free.eve:build_eve",
+    "interleaved": "mmkit.native.interleaved:build_interleaved",
+    "unified": "mmkit.native.unified:build_unified",
 }
 
 
@@ -437,6 +473,19 @@ def register_family(name: str):
     return deco
 
 
+def family_builder(name: str):
+    """The builder registered for a family (imported from its module on first use)."""
+    if name not in FAMILIES:
+        raise ValueError(f"unknown model family {name!r}; known: {', '.join(sorted(FAMILIES))}")
+    fn = FAMILIES[name]
+    if isinstance(fn, str):
+        import importlib
+
+        module, attr = fn.split(":")
+        fn = FAMILIES[name] = getattr(importlib.import_module(module), attr)
+    return fn
+
+
 def build_model(recipe, *, pretrained: bool = True, device: str | torch.device | None = None) -> "VLM":
     """Assemble the model a ``Recipe`` describes (base weights loaded, bridge fresh).
 
@@ -444,27 +493,44 @@ def build_model(recipe, *, pretrained: bool = True, device: str | torch.device |
     tiny ones by default, or hub names); the bridge is new. Trained weights are put
     on top by ``mmkit.train.load_model``.
     """
-    if recipe.family != "prefix":
-        if recipe.family not in FAMILIES and recipe.family in _FAMILY_MODULES:
-            import importlib
-
-            importlib.import_module(_FAMILY_MODULES[recipe.family])
-        if recipe.family not in FAMILIES:
-            raise ValueError(f"unknown model family {recipe.family!r}; known: prefix, {', '.join(sorted(FAMILIES))}")
-        torch.manual_seed(recipe.seed)
-        model = FAMILIES[recipe.family](recipe, pretrained=pretrained)
-        model.recipe = recipe
-        if device is not None:
-            model.to(device)
-        return model
+    builder = family_builder(recipe.family)
     torch.manual_seed(recipe.seed)
-    model = build_prefix(recipe, pretrained=pretrained)
+    model = builder(recipe, pretrained=pretrained)
     model.recipe = recipe  # evaluate() builds its ShapesWorld from it (image size, shapes config, seed)
-    if recipe.gradient_checkpointing and hasattr(model.lm, "gradient_checkpointing_enable"):
-        model.lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    lm = getattr(model, "lm", None)
+    if recipe.gradient_checkpointing and hasattr(lm, "gradient_checkpointing_enable"):
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if device is not None:
         model.to(device)
     return model
+
+
+def load_parts(recipe, *, pretrained: bool = True, vision: bool = True):
+    """What every family starts from: ``(vision encoder or None, lm, tokenizer)``.
+
+    The LM gets every LM option of the recipe (``quantization``, ``lora``, ``lm_dtype``,
+    ``split_digits``, ``gradient_checkpointing``); ``vision=False`` for families without
+    a pre-trained encoder in front of the LM.
+    """
+    from mmkit.language import load_language_model
+    from mmkit.vision import load_vision_encoder
+
+    encoder = load_vision_encoder(recipe.vision, pretrained=pretrained) if vision else None
+    lm, tokenizer = load_language_model(recipe.lm, quantization=recipe.quantization, lora=recipe.lora,
+                                        split_digits=recipe.split_digits, dtype=recipe.lm_dtype,
+                                        gradient_checkpointing=recipe.gradient_checkpointing)
+    return encoder, lm, tokenizer
+
+
+def vlm_options(recipe, *, encoder: bool = True) -> dict[str, Any]:
+    """The ``VLM`` constructor's options a recipe sets. ``encoder=False`` leaves out the
+    vision encoder's (``feature_layer``, ``image_mode``): encoder-free models keep their own."""
+    opts = dict(image_size=recipe.image_size, image_wrap=tuple(recipe.image_wrap) if recipe.image_wrap else None,
+                max_length=recipe.max_length, system_prompt=recipe.system_prompt,
+                text_format=recipe.text_format, loss_on=recipe.loss_on)
+    if encoder:
+        opts.update(feature_layer=recipe.feature_layer, image_mode=recipe.image_mode)
+    return opts
 
 
 def build_prefix(recipe, *, pretrained: bool = True, bridge_kwargs: dict | None = None, lm_hook=None) -> VLM:
@@ -475,26 +541,10 @@ def build_prefix(recipe, *, pretrained: bool = True, bridge_kwargs: dict | None 
     is sized for it (KOSMOS-1: fresh weights).
     """
     from mmkit.bridges import build_bridge
-    from mmkit.language import load_language_model
-    from mmkit.vision import load_vision_encoder
 
-    vision = load_vision_encoder(recipe.vision, pretrained=pretrained)
-    lm, tokenizer = load_language_model(recipe.lm, quantization=recipe.quantization, lora=recipe.lora,
-                                        split_digits=recipe.split_digits,
-                                        dtype=recipe.lm_dtype,
-                                        gradient_checkpointing=recipe.gradient_checkpointing)
+    vision, lm, tokenizer = load_parts(recipe, pretrained=pretrained)
     if lm_hook is not None:
         lm = lm_hook(lm)
     bridge = build_bridge(recipe.bridge, vision.hidden_size, lm.config.get_text_config().hidden_size,
                           **(recipe.bridge_kwargs if bridge_kwargs is None else bridge_kwargs))
-    return VLM(
-        vision, bridge, lm, tokenizer,
-        feature_layer=recipe.feature_layer,
-        image_size=recipe.image_size,
-        image_mode=recipe.image_mode,
-        image_wrap=tuple(recipe.image_wrap) if recipe.image_wrap else None,
-        max_length=recipe.max_length,
-        system_prompt=recipe.system_prompt,
-        text_format=recipe.text_format,
-        loss_on=recipe.loss_on,
-    )
+    return VLM(vision, bridge, lm, tokenizer, **vlm_options(recipe))

@@ -6,6 +6,8 @@ import json
 import pytest
 import torch
 
+from mmkit.convert import from_hf, load_hf, qformer_config_from_hf
+
 from mmkit.bridges.blip2 import (MASKS, QFormer, QFormerBridge, QFormerConfig, bidirectional_mask, caption_ids,
                                  multimodal_causal_mask, uni_modal_mask)
 from mmkit.nn import WeightsMismatchError, inspect
@@ -82,7 +84,7 @@ def test_parity_blip2_qformer_with_text():
     cfg = Blip2QFormerConfig(**HF_KW, use_qformer_text_input=True)
     hf, emb = Blip2QFormerModel(cfg).eval(), Blip2TextEmbeddings(cfg).eval()
     _randomise(hf, emb)
-    ours = QFormer.from_hf(hf, emb).eval()
+    ours = from_hf(hf, embeddings=emb).eval()
     q, ids, tm, full, img = _inputs()
     with torch.no_grad():
         ref = hf(query_embeds=emb(ids, query_embeds=q), query_length=q.shape[1], attention_mask=full,
@@ -102,7 +104,7 @@ def test_parity_instructblip_qformer():
 
     hf = InstructBlipQFormerModel(InstructBlipQFormerConfig(**HF_KW)).eval()
     _randomise(hf)
-    ours = QFormer.from_hf(hf).eval()
+    ours = from_hf(hf).eval()
     q, ids, tm, full, img = _inputs()
     with torch.no_grad():
         ref = hf(input_ids=ids, attention_mask=full, query_embeds=q, encoder_hidden_states=img).last_hidden_state
@@ -115,12 +117,12 @@ def test_loading_is_strict_and_says_what_is_wrong():
 
     hf = Blip2QFormerModel(Blip2QFormerConfig(**HF_KW))
     sd = hf.state_dict()
-    ours = QFormer(QFormerConfig.from_hf(hf.config))
+    ours = QFormer(qformer_config_from_hf(hf.config))
     assert ours.word_embeddings is None and ours.layers[0].ffn_text is None  # query-only, like the checkpoint
-    ours.load_hf_state_dict({f"qformer.{k}": v for k, v in sd.items()})  # whole-checkpoint prefix works
+    load_hf(ours, {f"qformer.{k}": v for k, v in sd.items()})  # whole-checkpoint prefix works
     del sd["encoder.layer.0.crossattention.attention.key.weight"]
     with pytest.raises(WeightsMismatchError, match="cross_attn.k_proj.weight"):
-        ours.load_hf_state_dict(sd)
+        load_hf(ours, sd)
 
 
 # ---------------------------------------------------------------------- the bridge
@@ -311,11 +313,12 @@ def test_exercise_checks_name_the_mistake(capsys):
 
 
 def test_retrieval_and_mask_figure(blip2):
-    from mmkit.bridges.blip2 import plot_masks, retrieval
+    from mmkit.eval import itc_embed, retrieval
+    from mmkit.viz import plot_qformer_masks
 
     r = retrieval(blip2, n=6)
     assert r["similarity"].shape == (6, 6) and 0.0 <= r["i2t_r1"] <= 1.0 and len(r["captions"]) == 6
-    z, t = blip2.itc_embed(r["images"][:2], r["captions"][:3])
+    z, t = itc_embed(blip2, r["images"][:2], r["captions"][:3])
     assert torch.allclose(blip2.bridge.similarity(z, t), r["similarity"][:2, :3], atol=1e-4)
-    fig = plot_masks(3, ["[CLS]", "a", "cat"])
+    fig = plot_qformer_masks(3, ["[CLS]", "a", "cat"])
     assert len(fig.axes) == 3 and fig.axes[2].get_title().startswith("ITG")

@@ -6,9 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mmkit.bridges.flamingo import (FlamingoVLM, GatedXAttnDense, GateLogger, PerceiverResampler,
-                                    evaluate_few_shot, few_shot_record, media_mask)
+from mmkit.bridges.flamingo import PerceiverResampler, media_mask
+from mmkit.callbacks import GateLogger
+from mmkit.convert import from_hf
 from mmkit.data.shapes import ShapesConfig, ShapesWorld
+from mmkit.eval import evaluate_few_shot, few_shot_record
 from mmkit.nn import inspect
 from mmkit.recipes import apply_overrides, get_recipe
 
@@ -57,7 +59,7 @@ def test_perceiver_resampler_matches_idefics():
                                    p.resampler_n_latents).eval()
     for prm in hf.parameters():  # LayerNorms start at (1, 0): make them count
         prm.data.add_(0.1 * torch.randn_like(prm))
-    ours = PerceiverResampler.from_hf(hf).eval()
+    ours = from_hf(hf).eval()
     feats = torch.randn(3, 20, 32)
     with torch.no_grad():
         want, got = hf(feats), ours(feats)
@@ -78,7 +80,7 @@ def test_gated_cross_attention_matches_idefics(alpha_type):
             if "alpha" in name or "layernorm" in name:
                 prm.add_(0.5 * torch.randn_like(prm))
     assert hf.alpha_cross_attn.abs().min() > 0
-    ours = GatedXAttnDense.from_hf(hf).eval()
+    ours = from_hf(hf).eval()
     B, T, N, L = 2, 7, 2, 5
     y, media = torch.randn(B, T, 48), torch.randn(B, N * L, 32)
     ids = torch.tensor([[1, IMG, 2, 3, IMG, 4, 5], [1, 2, 3, IMG, 4, 5, 6]])  # row 1: 2 tokens before any image

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from PIL import Image
 
+from mmkit.convert import from_hf
 from mmkit.encoder_free.fuyu import FuyuPatchEmbed, Patchify, patchify
 from mmkit.language import NEWLINE_TOKEN
 from mmkit.recipes import apply_overrides, get_recipe
@@ -48,7 +50,7 @@ def test_fuyu_matches_transformers_fuyu_for_causal_lm(model, world):
     hf = FuyuForCausalLM(cfg).eval()
     hf.model.language_model.load_state_dict(lm.model.state_dict())
     hf.lm_head.load_state_dict(lm.lm_head.state_dict())
-    ours = FuyuPatchEmbed.from_hf(hf)
+    ours = from_hf(hf)
     assert torch.equal(ours.vision_embed_tokens.weight, hf.model.vision_embed_tokens.weight)
     model.bridge.load_state_dict(ours.state_dict())
 

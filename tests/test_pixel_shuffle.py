@@ -4,6 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from mmkit.convert import from_hf, load_hf
+
 from mmkit.bridges import build_bridge
 from mmkit.bridges.pixel_shuffle import PixelShuffleError, PixelShuffleProjector, check_grid, pixel_shuffle
 
@@ -24,7 +26,7 @@ def _hf_connector(vision_dim=32, lm_dim=48, scale=2):
 @pytest.mark.parametrize("scale, side", [(2, 8), (3, 9), (4, 16)])
 def test_parity_with_idefics3_connector(scale, side):
     hf = _hf_connector(scale=scale)
-    ours = PixelShuffleProjector.from_hf(hf).eval()
+    ours = from_hf(hf).eval()
     x = torch.randn(3, side * side, 32)
     with torch.no_grad():
         want = hf(x)
@@ -39,12 +41,12 @@ def test_load_hf_state_dict_from_a_whole_checkpoint_and_strictness():
     hf = _hf_connector()
     bridge = PixelShuffleProjector(32, 48, scale_factor=2)
     w = hf.modality_projection.proj.weight
-    bridge.load_hf_state_dict({"model.connector.modality_projection.proj.weight": w, "model.other.weight": w})
+    load_hf(bridge, {"model.connector.modality_projection.proj.weight": w, "model.other.weight": w})
     assert torch.equal(bridge.modality_projection.proj.weight, w)
     from mmkit.nn import WeightsMismatchError
 
     with pytest.raises(WeightsMismatchError, match="wrong shape"):
-        PixelShuffleProjector(32, 48, scale_factor=3).load_hf_state_dict(hf.state_dict())
+        load_hf(PixelShuffleProjector(32, 48, scale_factor=3), hf.state_dict())
 
 
 def test_block_layout_by_hand():

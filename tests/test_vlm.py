@@ -4,6 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from mmkit.convert import from_hf, load_hf
+
 from mmkit.data.processor import IGNORE_INDEX, ProcessorError, collate
 from mmkit.language import IMAGE_TOKEN
 from mmkit.vlm import MergeError
@@ -110,14 +112,32 @@ def test_mlp_projector_parity_with_transformers():
     )
     torch.manual_seed(0)
     ref = LlavaMultiModalProjector(cfg).eval()
-    ours = MLPProjector.from_hf(ref).eval()
+    ours = from_hf(ref).eval()
     x = torch.randn(2, 16, 32)
     with torch.no_grad():
         diff = (ref(x) - ours(x)).abs().max().item()
     assert diff <= 1e-5
     # A whole-checkpoint state dict (prefixed keys) loads too; a wrong one is refused.
     fresh = MLPProjector(32, 48)
-    fresh.load_hf_state_dict({f"multi_modal_projector.{k}": v for k, v in ref.state_dict().items()})
+    load_hf(fresh, {f"multi_modal_projector.{k}": v for k, v in ref.state_dict().items()})
     assert torch.equal(fresh.linear_1.weight, ref.linear_1.weight)
     with pytest.raises(Exception, match="missing"):
-        MLPProjector(32, 48).load_hf_state_dict({"linear_1.weight": ref.linear_1.weight})
+        load_hf(MLPProjector(32, 48), {"linear_1.weight": ref.linear_1.weight})
+
+
+def test_every_family_builds_through_the_one_registry_and_honours_lm_dtype(tiny_assets):
+    """One builder path: every family's model gets the recipe's LM options (here ``lm_dtype``)."""
+    from mmkit.recipes import RECIPES, apply_overrides, get_recipe
+    from mmkit.vlm import FAMILIES, build_model
+
+    by_family = {}
+    for name in sorted(RECIPES):
+        r = get_recipe(name)
+        if name.endswith("-tiny") and r.family not in by_family:
+            by_family[r.family] = name
+    assert set(by_family) == set(FAMILIES), f"a family without a tiny recipe: {set(FAMILIES) - set(by_family)}"
+    for family, name in by_family.items():
+        model = build_model(apply_overrides(get_recipe(name), ["lm_dtype=bfloat16"]), pretrained=False)
+        dtypes = {p.dtype for p in model.lm.parameters()}
+        assert dtypes == {torch.bfloat16}, f"{name} ({family}): LM weights are {dtypes}, not bfloat16"
+        assert model.recipe.family == family

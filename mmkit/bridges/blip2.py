@@ -49,7 +49,7 @@ BLIP puts first. One vocabulary means no second tokenizer to ship, and the capti
 no re-encoding: stage 1 reads it straight from the processor's batch (the assistant turn
 of a caption record, ``caption_ids``). The ITG head is a BERT LM head whose output matrix
 is tied to these word embeddings. Real checkpoints bring their own BERT vocabulary
-(``vocab_size`` from their config) through ``QFormer.load_hf_state_dict``.
+(``vocab_size`` from their config) through ``mmkit.convert.load_hf``.
 
 Shapes: N images, B texts, Q queries, L text tokens, T = Q + L, D Q-Former width,
 P = h*w patches, D_v vision width, E the ITC embedding width.
@@ -65,13 +65,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mmkit.bridges import Bridge, register_bridge
-from mmkit.nn import MLP, Attention, load_state_dict_strict
-from mmkit.vlm import VLM, VLMOutput, register_family
+from mmkit.nn import MLP, Attention
+from mmkit.vlm import VLM, VLMOutput, load_parts, vlm_options
 
 __all__ = [
     "QFormerConfig", "QFormer", "QFormerLayer", "QFormerBridge",
     "uni_modal_mask", "bidirectional_mask", "multimodal_causal_mask", "MASKS",
-    "Blip2VLM", "InstructBlipVLM", "caption_ids", "retrieval", "plot_masks",
+    "Blip2VLM", "InstructBlipVLM", "caption_ids",
 ]
 
 OBJECTIVES = ("itc", "itm", "itg")
@@ -149,33 +149,6 @@ class QFormerConfig:
     text_ffn: bool = True
     initializer_range: float = 0.02
 
-    @classmethod
-    def from_hf(cls, hf_config, *, with_text: bool | None = None) -> "QFormerConfig":
-        """From a transformers ``Blip2QFormerConfig`` / ``InstructBlipQFormerConfig``.
-
-        ``with_text``: build the word/position embeddings (``vocab_size`` from the config);
-        default: yes for InstructBLIP (they live inside its Q-Former), yes for BLIP-2 when
-        ``use_qformer_text_input`` is set.
-        """
-        instruct = "instructblip" in type(hf_config).__name__.lower()
-        text_ffn = instruct or bool(getattr(hf_config, "use_qformer_text_input", False))
-        with_text = text_ffn if with_text is None else with_text
-        return cls(
-            hidden_size=hf_config.hidden_size,
-            num_hidden_layers=hf_config.num_hidden_layers,
-            num_attention_heads=hf_config.num_attention_heads,
-            intermediate_size=hf_config.intermediate_size,
-            cross_attention_frequency=hf_config.cross_attention_frequency,
-            encoder_hidden_size=hf_config.encoder_hidden_size,
-            vocab_size=hf_config.vocab_size if with_text else None,
-            max_position_embeddings=hf_config.max_position_embeddings,
-            layer_norm_eps=hf_config.layer_norm_eps,
-            hidden_dropout_prob=hf_config.hidden_dropout_prob,
-            attention_probs_dropout_prob=hf_config.attention_probs_dropout_prob,
-            hidden_act=hf_config.hidden_act,
-            text_ffn=text_ffn,
-            initializer_range=hf_config.initializer_range,
-        )
 
 
 class QFormerLayer(nn.Module):
@@ -277,77 +250,6 @@ class QFormer(nn.Module):
             h = layer(h, mask, image, Q)
         return h  # (B, T, D)
 
-    # ---------------------------------------------------------------- real weights
-    def load_hf_state_dict(self, state_dict: dict[str, Tensor], source: str = "transformers Q-Former") -> None:
-        """Copy a transformers ``Blip2QFormerModel`` / ``InstructBlipQFormerModel`` state dict.
-
-        Accepts the Q-Former's own keys (``encoder.layer.0.attention.attention.query.weight``
-        ...), or a whole BLIP-2 / InstructBLIP checkpoint's (``qformer.`` prefix; BLIP-2's
-        text embeddings sit outside its Q-Former as ``embeddings.*``, e.g. in
-        ``Blip2ForImageTextRetrieval``). Strict: every weight this Q-Former has must be
-        there with the right shape, and nothing else of the Q-Former may be left over.
-        """
-        own: dict[str, Tensor] = {}
-        for k, v in state_dict.items():
-            if k.startswith("qformer."):
-                k = k[len("qformer."):]
-            elif not k.startswith(("embeddings.", "layernorm.", "encoder.")):
-                continue  # query_tokens, language_projection, vision model, LM: not ours
-            if k.startswith("embeddings.position_ids"):
-                continue
-            own[_hf_to_mmkit(k)] = v
-        if self.word_embeddings is None:  # a query-only Q-Former ignores a checkpoint's text embeddings
-            own = {k: v for k, v in own.items() if not k.startswith(("word_embeddings", "position_embeddings"))}
-        load_state_dict_strict(self, own, source=source)
-
-    @classmethod
-    def from_hf(cls, hf_qformer: nn.Module, embeddings: nn.Module | None = None) -> "QFormer":
-        """Build from a transformers Q-Former module, weights copied.
-
-        ``embeddings``: for BLIP-2, the ``Blip2TextEmbeddings`` that live next to the
-        Q-Former (InstructBLIP's are inside it).
-        """
-        sd = dict(hf_qformer.state_dict())
-        with_text = embeddings is not None or any(k.startswith("embeddings.word") for k in sd)
-        if embeddings is not None:
-            sd.update({f"embeddings.{k}": v for k, v in embeddings.state_dict().items()})
-        cfg = QFormerConfig.from_hf(hf_qformer.config, with_text=with_text)
-        if embeddings is not None:
-            cfg.vocab_size = embeddings.word_embeddings.num_embeddings
-        q = cls(cfg)
-        q.load_hf_state_dict(sd)
-        return q.to(next(hf_qformer.parameters()).dtype)
-
-
-# transformers (BERT) names -> ours, applied in order to one key
-_HF_RENAMES = [
-    ("embeddings.word_embeddings.", "word_embeddings."),
-    ("embeddings.position_embeddings.", "position_embeddings."),
-    ("embeddings.layernorm.", "layernorm."),  # InstructBLIP keeps the input LayerNorm in its embeddings
-    ("encoder.layer.", "layers."),
-    (".attention.attention.query.", ".self_attn.q_proj."),
-    (".attention.attention.key.", ".self_attn.k_proj."),
-    (".attention.attention.value.", ".self_attn.v_proj."),
-    (".attention.output.dense.", ".self_attn.out_proj."),
-    (".attention.output.LayerNorm.", ".self_attn_norm."),
-    (".crossattention.attention.query.", ".cross_attn.q_proj."),
-    (".crossattention.attention.key.", ".cross_attn.k_proj."),
-    (".crossattention.attention.value.", ".cross_attn.v_proj."),
-    (".crossattention.output.dense.", ".cross_attn.out_proj."),
-    (".crossattention.output.LayerNorm.", ".cross_attn_norm."),
-    (".intermediate_query.dense.", ".ffn_query.fc1."),
-    (".output_query.dense.", ".ffn_query.fc2."),
-    (".output_query.LayerNorm.", ".ffn_query_norm."),
-    (".intermediate.dense.", ".ffn_text.fc1."),
-    (".output.dense.", ".ffn_text.fc2."),
-    (".output.LayerNorm.", ".ffn_text_norm."),
-]
-
-
-def _hf_to_mmkit(key: str) -> str:
-    for old, new in _HF_RENAMES:
-        key = key.replace(old, new)
-    return key
 
 
 # ======================================================================================
@@ -533,29 +435,6 @@ class QFormerBridge(Bridge):
                                          ignore_index=-100, label_smoothing=0.1)
         return out
 
-    # ---------------------------------------------------------------- real weights
-    def load_hf_state_dict(self, state_dict: dict[str, Tensor], source: str = "BLIP-2 checkpoint") -> None:
-        """Copy the bridge part of a transformers BLIP-2 / InstructBLIP checkpoint.
-
-        ``query_tokens``, ``qformer.*`` (strict, see ``QFormer.load_hf_state_dict``) and
-        ``language_projection.*``; from ``Blip2ForImageTextRetrieval`` also
-        ``vision_projection`` / ``text_projection`` / ``itm_head``. ``ln_vision`` stays as
-        it is: transformers' vision model already ends in its own ``post_layernorm``.
-        """
-        if "query_tokens" not in state_dict:
-            raise KeyError(f"{source}: no 'query_tokens'; pass a whole Blip2ForConditionalGeneration / "
-                           "InstructBlipForConditionalGeneration state dict")
-        self.qformer.load_hf_state_dict(state_dict, source=source)
-        with torch.no_grad():
-            self.query_tokens.copy_(state_dict["query_tokens"])
-            pairs = [("language_projection", self.language_projection)]
-            if self.text_vocab is not None:
-                pairs += [("vision_projection", self.vision_proj), ("text_projection", self.text_proj),
-                          ("itm_head", self.itm_head)]
-            for name, mod in pairs:
-                sub = {k[len(name) + 1:]: v for k, v in state_dict.items() if k.startswith(name + ".")}
-                if sub:
-                    load_state_dict_strict(mod, sub, source=f"{source} ({name})")
 
 
 # ======================================================================================
@@ -642,54 +521,6 @@ class Blip2VLM(VLM):
         loss = sum(losses.values())
         return VLMOutput(loss=loss, logits=None, losses={k: v.detach() for k, v in losses.items()})
 
-    # ---------------------------------------------------------------- retrieval
-    @torch.no_grad()
-    def itc_embed(self, images: list, captions: list[str]) -> tuple[Tensor, Tensor]:
-        """PIL images + caption strings -> ITC vectors: (N, Q, E) and (M, E)."""
-        ids = [self.tokenizer(c, add_special_tokens=False)["input_ids"] for c in captions]
-        end = self.tokenizer.convert_tokens_to_ids("<|im_end|>")
-        max_len = self.bridge.qformer.config.max_position_embeddings - 1
-        ids = [(i + [end])[:max_len] for i in ids]
-        L = max(len(i) for i in ids)
-        text = torch.zeros(len(ids), L, dtype=torch.long)
-        mask = torch.zeros_like(text)
-        for k, i in enumerate(ids):
-            text[k, : len(i)] = torch.tensor(i)
-            mask[k, : len(i)] = 1
-        device = next(self.bridge.parameters()).device
-        was_training = self.training
-        self.eval()  # no dropout: the same inputs always give the same vectors
-        try:
-            feats = self.image_features(self.preprocess(images).to(device))  # (N, P, D_v)
-            # the uni-modal mask keeps the two apart, so they can be encoded in separate
-            # passes of any sizes (the test checks this equals the joint ITC pass)
-            return self.bridge.image_itc(feats), self.bridge.text_itc(text.to(device), mask.to(device))
-        finally:
-            self.train(was_training)
-
-
-def retrieval(model: Blip2VLM, n: int = 100, split: str = "test", world=None, start: int = 0) -> dict[str, Any]:
-    """Image <-> text retrieval on ``n`` held-out ShapesWorld caption pairs (ITC similarity).
-
-    Returns R@1 both ways among the ``n`` candidates, and the (n, n) similarity matrix.
-    """
-    if world is None:
-        from mmkit.data.shapes import ShapesConfig, ShapesWorld
-
-        recipe = getattr(model, "recipe", None)
-        cfg = {"image_size": getattr(recipe, "image_size", 64), **(getattr(recipe, "shapes", {}) or {})}
-        world = ShapesWorld(ShapesConfig(**cfg), seed=getattr(recipe, "seed", 0))
-    records = [world.sample(split, start + i, task="caption") for i in range(n)]
-    images = [r["image"] for r in records]
-    captions = [r["conversations"][-1]["value"] for r in records]
-    z, t = model.itc_embed(images, captions)
-    with torch.no_grad():
-        sim = model.bridge.similarity(z, t).cpu()  # (n, n)
-    same = torch.tensor([[a == b for b in captions] for a in captions])  # equal captions both count
-    i2t = same[torch.arange(n), sim.argmax(1)].float().mean().item()
-    t2i = same[sim.argmax(0), torch.arange(n)].float().mean().item()
-    return {"i2t_r1": i2t, "t2i_r1": t2i, "n": n, "similarity": sim, "captions": captions, "images": images}
-
 
 class InstructBlipVLM(Blip2VLM):
     """InstructBLIP: the user's instruction also enters the Q-Former (InstructBLIP Fig. 3).
@@ -758,53 +589,19 @@ class InstructBlipVLM(Blip2VLM):
 # ------------------------------------------------------------------------ builders
 def _assemble(cls: type, recipe, pretrained: bool) -> VLM:
     """ViT + LM from the recipe, a Q-Former bridge that reads the LM tokenizer's ids."""
-    from mmkit.language import load_language_model
-    from mmkit.vision import load_vision_encoder
-
-    vision = load_vision_encoder(recipe.vision, pretrained=pretrained)
-    lm, tokenizer = load_language_model(recipe.lm, quantization=recipe.quantization, lora=recipe.lora,
-                                        split_digits=recipe.split_digits)
     if recipe.bridge != "qformer":
         raise ValueError(f"recipe {recipe.name!r}: family {recipe.family!r} needs bridge='qformer', "
                          f"got {recipe.bridge!r}")
+    vision, lm, tokenizer = load_parts(recipe, pretrained=pretrained)
     bridge = QFormerBridge(vision.hidden_size, lm.config.get_text_config().hidden_size,
                            vocab_size=len(tokenizer), **recipe.bridge_kwargs)
-    model = cls(vision, bridge, lm, tokenizer, feature_layer=recipe.feature_layer, image_size=recipe.image_size,
-                image_mode=recipe.image_mode, image_wrap=tuple(recipe.image_wrap) if recipe.image_wrap else None,
-                max_length=recipe.max_length, system_prompt=recipe.system_prompt)
-    if recipe.gradient_checkpointing and hasattr(lm, "gradient_checkpointing_enable"):
-        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    return model
+    return cls(vision, bridge, lm, tokenizer, **vlm_options(recipe))
 
 
-@register_family("blip2")
 def build_blip2(recipe, pretrained: bool = True) -> Blip2VLM:
     """BLIP-2 and MiniGPT-4 (same model; the recipes differ in what they train)."""
     return _assemble(Blip2VLM, recipe, pretrained)
 
 
-@register_family("instructblip")
 def build_instructblip(recipe, pretrained: bool = True) -> InstructBlipVLM:
     return _assemble(InstructBlipVLM, recipe, pretrained)
-
-
-# ------------------------------------------------------------------------ figures
-def plot_masks(num_queries: int = 4, text: list[str] | None = None, *, cell: float = 0.32):
-    """The three stage-1 masks side by side, rows/columns labelled q0.. and the words.
-
-    Drawn from the same functions the objectives use (``MASKS``); True = may attend.
-    """
-    from mmkit.viz.core import _finish, _plt, plot_matrix
-
-    text = text or ["[CLS]", "a", "red", "circle"]
-    labels = [f"q{i}" for i in range(num_queries)] + list(text)
-    plt = _plt()
-    T = len(labels)
-    fig, axes = plt.subplots(1, 3, figsize=(3 * (T * cell + 1.2), T * cell + 1.6))
-    titles = {"itc": "ITC: uni-modal", "itm": "ITM: bidirectional", "itg": "ITG: multimodal causal"}
-    for ax, (name, fn) in zip(axes, MASKS.items()):
-        m = fn(num_queries, torch.ones(1, len(text)))[0]
-        plot_matrix(m, labels, labels, titles[name], ax=ax, colorbar=False, annotate=False, cmap="Greens",
-                    xlabel="key (attended to)", ylabel="query (attending)" if name == "itc" else "")
-    fig.tight_layout()
-    return _finish(fig)

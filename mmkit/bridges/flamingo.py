@@ -36,25 +36,20 @@ works: each call's media mask is computed from the token ids seen so far.
 from __future__ import annotations
 
 import contextlib
-import json
-import re
 from collections.abc import Iterator, Sequence
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from mmkit.bridges import Bridge, register_bridge
-from mmkit.nn import ACTIVATIONS, MLP, Attention, Inspectable, RMSNorm, load_state_dict_strict
-from mmkit.train import Callback
-from mmkit.vlm import VLM, MergeError, VLMOutput, register_family
+from mmkit.nn import ACTIVATIONS, MLP, Attention, Inspectable, RMSNorm
+from mmkit.vlm import VLM, MergeError, load_parts, vlm_options
 
 __all__ = [
     "media_mask", "PerceiverResampler", "PerceiverBlock", "GatedMLP", "GatedXAttnDense",
-    "FlamingoVLM", "GateLogger", "build_flamingo", "few_shot_record", "evaluate_few_shot",
-    "FEW_SHOT_TASKS", "XATTN_KWARGS",
+    "FlamingoVLM", "build_flamingo", "XATTN_KWARGS",
 ]
 
 
@@ -168,50 +163,6 @@ class PerceiverResampler(Bridge):
             maps.append(w / w.sum(-1, keepdim=True).clamp_min(1e-12))
         return torch.stack(maps).mean(0)
 
-    # transformers Idefics names -> ours
-    _HF_NAMES = [
-        (r"^blocks\.(\d+)\.0\.context_layer_norm\.", r"blocks.\1.norm_media."),
-        (r"^blocks\.(\d+)\.0\.latents_layer_norm\.", r"blocks.\1.norm_latents."),
-        (r"^blocks\.(\d+)\.0\.(q|k|v)_proj\.", r"blocks.\1.attn.\2_proj."),
-        (r"^blocks\.(\d+)\.0\.output_proj\.", r"blocks.\1.attn.out_proj."),
-        (r"^blocks\.(\d+)\.1\.ln\.", r"blocks.\1.norm_ff."),
-        (r"^blocks\.(\d+)\.1\.fc\.", r"blocks.\1.ff.fc1."),
-        (r"^blocks\.(\d+)\.1\.c_proj\.", r"blocks.\1.ff.fc2."),
-        (r"^layer_norm\.", "norm."),
-    ]
-
-    def load_hf_state_dict(self, state_dict: dict[str, Tensor]) -> None:
-        """Copy an ``IdeficsPerceiverResampler`` state dict (its own keys, or a whole Idefics
-        checkpoint's ``model.perceiver_resampler.*``). Strict: names and shapes must fit."""
-        prefix = "model.perceiver_resampler."
-        own = {}
-        for k, v in state_dict.items():
-            if k.startswith(prefix):
-                k = k[len(prefix):]
-            elif k.startswith("perceiver_resampler."):
-                k = k[len("perceiver_resampler."):]
-            for pat, rep in self._HF_NAMES:
-                k = re.sub(pat, rep, k)
-            own[k] = v
-        if not any(k.startswith("blocks.") for k in own):
-            raise ValueError("load_hf_state_dict: no IdeficsPerceiverResampler weights found "
-                             "(expected keys like 'blocks.0.0.q_proj.weight' or 'model.perceiver_resampler.*')")
-        own = {k: v for k, v in own.items() if k == "latents" or k.startswith(("blocks.", "norm."))}
-        load_state_dict_strict(self, own, source="IdeficsPerceiverResampler")
-
-    @classmethod
-    def from_hf(cls, hf: nn.Module) -> "PerceiverResampler":
-        """Build from a transformers ``IdeficsPerceiverResampler`` module, weights copied."""
-        if hf.qk_layer_norms:
-            raise ValueError("from_hf: qk_layer_norms_perceiver=True is not supported (Flamingo has none)")
-        if hf.n_heads * hf.head_dim != hf.embed_dim:
-            raise ValueError(f"from_hf: n_heads * head_dim ({hf.n_heads} x {hf.head_dim}) must equal embed_dim "
-                             f"({hf.embed_dim}) for mmkit.nn.Attention")
-        ff = hf.blocks[0][1]
-        res = cls(hf.embed_dim, num_latents=hf.n_latents, depth=len(hf.blocks), num_heads=hf.n_heads,
-                  ff_mult=ff.fc.out_features // hf.embed_dim, act="relu", eps=hf.layer_norm.eps)
-        res.load_hf_state_dict(hf.state_dict())
-        return res.to(hf.latents.dtype)
 
 
 # ------------------------------------------------------------------ GATED XATTN-DENSE
@@ -282,40 +233,6 @@ class GatedXAttnDense(Inspectable, nn.Module):
         y = y + g_dense * self.ffn(self.norm_dense(y))
         return (y, weights) if return_weights else y
 
-    # transformers Idefics names -> ours
-    _HF_NAMES = [
-        (r"^input_layernorm\.", "norm_xattn."), (r"^post_attention_layernorm\.", "norm_dense."),
-        (r"^cross_attn\.o_proj\.", "xattn.out_proj."), (r"^cross_attn\.", "xattn."),
-        (r"^mlp\.", "ffn."), (r"^alpha_cross_attn$", "alpha_xattn"), (r"^alpha_dense$", "alpha_dense"),
-    ]
-
-    def load_hf_state_dict(self, state_dict: dict[str, Tensor]) -> None:
-        """Copy one ``IdeficsGatedCrossAttentionLayer`` state dict (strict). Idefics' float
-        alphas are (1,) and its vector alphas (1, 1, D), the shapes used here."""
-        own = {}
-        for k, v in state_dict.items():
-            if "rotary_emb" in k:  # Idefics builds a rotary table it never uses for cross-attention
-                continue
-            for pat, rep in self._HF_NAMES:
-                k2 = re.sub(pat, rep, k)
-                if k2 != k:
-                    k = k2
-                    break
-            own[k] = v
-        load_state_dict_strict(self, own, source="IdeficsGatedCrossAttentionLayer")
-
-    @classmethod
-    def from_hf(cls, hf: nn.Module) -> "GatedXAttnDense":
-        """Build from a transformers ``IdeficsGatedCrossAttentionLayer``, weights copied."""
-        attn = hf.cross_attn
-        if attn.qk_layer_norms:
-            raise ValueError("from_hf: qk_layer_norms=True is not supported (Flamingo has none)")
-        act = attn.config.hidden_act
-        block = cls(attn.hidden_size, attn.k_proj.in_features, attn.num_heads, hf.mlp.gate_proj.out_features,
-                    act=act, eps=hf.input_layernorm.variance_epsilon,
-                    alpha_type="vector" if hf.alpha_cross_attn.dim() == 3 else "scalar")
-        block.load_hf_state_dict(hf.state_dict())
-        return block.to(attn.q_proj.weight.dtype)
 
 
 # ------------------------------------------------------------------------ the model
@@ -510,43 +427,14 @@ class FlamingoVLM(Inspectable, VLM):
         return args, {**kwargs, "hidden_states": y_new}
 
     # ------------------------------------------------------------------ forward
-    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, labels: Tensor | None = None,
-                pixel_values: Tensor | None = None, **lm_kwargs: Any) -> VLMOutput:
-        """Teacher-forced pass: ``loss`` (with labels) and ``logits`` (B, T, V)."""
+    @contextlib.contextmanager
+    def lm_inputs(self, input_ids: Tensor, pixel_values: Tensor | None) -> Iterator[dict[str, Tensor]]:
+        """The LM reads its own token ids (Flamingo never changes the LM's input); the images
+        reach it through the gated blocks while ``VLM.forward`` / ``VLM.generate`` run inside.
+        ``generate`` decodes with the LM's KV cache (``use_cache=False`` recomputes every step:
+        the same greedy answers, slower)."""
         with self.media(input_ids, pixel_values):
-            out = self.lm(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **lm_kwargs)
-        return VLMOutput(loss=out.loss, logits=out.logits)
-
-    @torch.no_grad()
-    def generate(self, images: Sequence | None = None, messages: str | list[dict] | None = None, *,
-                 records: Sequence[dict] | None = None, max_new_tokens: int = 32, temperature: float = 0.0,
-                 top_p: float = 1.0, streamer: Any = None, **gen_kwargs: Any) -> list[str]:
-        """As ``VLM.generate``, decoding from token ids with the LM's KV cache
-        (``use_cache=False`` recomputes every step: the same greedy answers, slower)."""
-        if records is None:
-            records = [self.prompt_record(images, messages or "")]
-        batch = self.processor(records, for_generation=True)
-        device = next(self.lm.parameters()).device
-        input_ids = batch["input_ids"].to(device)
-        pv = batch["pixel_values"]
-        if isinstance(pv, Tensor):
-            pv = pv.to(device=device, dtype=next(self.vision.parameters()).dtype)
-        was_training = self.training
-        self.eval()
-        try:
-            with self.media(input_ids, pv):
-                sample = temperature > 0
-                out = self.lm.generate(
-                    input_ids=input_ids, attention_mask=batch["attention_mask"].to(device),
-                    max_new_tokens=max_new_tokens, do_sample=sample,
-                    temperature=temperature if sample else None, top_p=top_p if sample else None, top_k=None,
-                    eos_token_id=self.stop_token_ids(), pad_token_id=self.tokenizer.pad_token_id,
-                    streamer=streamer, **gen_kwargs,
-                )
-        finally:
-            self.train(was_training)
-        new = out[:, input_ids.shape[1]:]  # from input_ids, generate returns prompt + answer
-        return [self.tokenizer.decode(row, skip_special_tokens=True).strip() for row in new]
+            yield {"input_ids": input_ids}
 
     @torch.no_grad()
     def explain(self, images: Sequence, messages: str | list[dict], answer: str) -> dict[str, Any]:
@@ -558,27 +446,16 @@ class FlamingoVLM(Inspectable, VLM):
         attention). gates: |tanh(alpha)| per LM layer. media_tokens: latents per image
         (what the cross-attention reads; the text holds one marker per image).
         """
-        from mmkit.data.images import load_image
-        from mmkit.data.processor import IGNORE_INDEX
         from mmkit.nn import inspect
-        from mmkit.vision import letterbox
+        from mmkit.vlm import answer_rows
 
-        record = self.prompt_record(images, messages)
-        record["conversations"].append({"from": "gpt", "value": answer})
-        batch = self.processor([record])
-        device = next(self.lm.parameters()).device
-        ids, pv = batch["input_ids"].to(device), batch["pixel_values"]
-        if not isinstance(pv, Tensor):
-            raise ValueError("explain needs at least one image (maps are drawn over the image)")
-        pv = pv.to(device=device, dtype=next(self.vision.parameters()).dtype)
-        labelled = batch["labels"][0] != IGNORE_INDEX  # (T,)
-        predicts = torch.zeros_like(labelled)
-        predicts[:-1] = labelled[1:]  # position t predicts token t+1
+        record, ids, mask, pv, labels = self.explain_batch(images, messages, answer)
+        predicts = answer_rows(labels)  # (T,): the positions that predict the answer
         was_training = self.training
         self.eval()
         try:
             with inspect(self) as seen:
-                self(input_ids=ids, attention_mask=batch["attention_mask"].to(device), pixel_values=pv)
+                self(input_ids=ids, attention_mask=mask, pixel_values=pv)
         finally:
             self.train(was_training)
         grid = tuple(self.image_grid(pv))
@@ -597,12 +474,9 @@ class FlamingoVLM(Inspectable, VLM):
                 m[f"latent {q}"] = on_grid(latent_maps[i, q])
             maps.append({k: v for k, v in m.items() if v is not None and float(v.sum()) > 0})
         gates = {f"{kind} layer {i}": v for kind, per in self.gate_values().items() for i, v in per.items()}
-        fill = tuple(int(round(c * 255)) for c in getattr(self.vision, "image_mean", (0.5, 0.5, 0.5)))
-        H, W = self.image_size
-        views = [letterbox(load_image(im), W / H, fill) if self.image_mode == "pad" else load_image(im)
-                 for im in record["images"]]
         return {"image_tokens": [len(self.expand_image(p)) for p in pv], "grid": grid, "maps": maps,
-                "views": views, "gates": gates, "image_share": None, "media_tokens": self.bridge.num_latents,
+                "views": self.framed_views(record["images"]), "gates": gates, "image_share": None,
+                "media_tokens": self.bridge.num_latents,
                 "source": (f"gated cross-attention from the answer to each image's {self.bridge.num_latents} "
                            "latents, carried onto the patches by the resampler's attention; and what the "
                            "latents read")}
@@ -651,158 +525,19 @@ class FlamingoVLM(Inspectable, VLM):
         return out
 
 
-# ----------------------------------------------------------------------- gate logging
-class GateLogger(Callback):
-    """Records |tanh(alpha)| of every gated block during training (Flamingo Fig. 6).
-
-    ``history``: one dict per logged step, ``{"global_step": s, "xattn/0": v, "dense/0": v, ...}``
-    (the key's number is the LM layer), also appended to ``OUT/gates.jsonl``.
-    ``curves("xattn")`` gives ``{"layer 0": {step: value}}`` for ``mmkit.viz.plot_curves``.
-    """
-
-    def __init__(self, every: int = 1, filename: str | None = "gates.jsonl"):
-        self.every, self.filename = every, filename
-        self.history: list[dict[str, float]] = []
-
-    def _log(self, trainer, step: int) -> None:
-        model = trainer.accelerator.unwrap_model(trainer.model)
-        if not hasattr(model, "gate_values"):
-            raise TypeError("GateLogger needs a FlamingoVLM (a model with gate_values())")
-        row: dict[str, float] = {"global_step": step}
-        for kind, per_layer in model.gate_values().items():
-            row.update({f"{kind}/{i}": v for i, v in per_layer.items()})
-        if self.history and self.history[-1]["global_step"] == step:
-            return
-        self.history.append(row)
-        if self.filename and trainer.is_main:
-            with open(Path(trainer.out_dir) / self.filename, "a") as f:
-                f.write(json.dumps(row) + "\n")
-
-    def on_stage_start(self, trainer, stage) -> None:
-        if not self.history:
-            self._log(trainer, 0)  # the gates before any step (0 with tanh gating)
-
-    def on_step_end(self, trainer, logs: dict[str, Any]) -> None:
-        if logs["global_step"] % self.every == 0:
-            self._log(trainer, logs["global_step"])
-
-    def curves(self, kind: str = "xattn") -> dict[str, dict[int, float]]:
-        out: dict[str, dict[int, float]] = {}
-        for row in self.history:
-            for k, v in row.items():
-                if k.startswith(kind + "/"):
-                    out.setdefault(f"layer {k.split('/')[1]}", {})[int(row["global_step"])] = v
-        return out
-
-
 # --------------------------------------------------------------------------- builder
 # recipe.bridge_kwargs keys that configure the gated blocks; the rest go to the resampler.
 XATTN_KWARGS = ("cross_every", "only_latest", "alpha_type", "gating", "xattn_heads")
 
 
-@register_family("flamingo")
 def build_flamingo(recipe, pretrained: bool = True) -> FlamingoVLM:
     """A ``FlamingoVLM`` from a recipe: ``recipe.bridge_kwargs`` holds the resampler's
     arguments and the gated blocks' (``XATTN_KWARGS``), e.g. ``{"num_latents": 16,
     "depth": 2, "cross_every": 1, "gating": "tanh"}``."""
-    from mmkit.language import load_language_model
-    from mmkit.vision import load_vision_encoder
-
     if recipe.bridge != "perceiver":
         raise ValueError(f"recipe {recipe.name!r}: the flamingo family uses bridge='perceiver', got {recipe.bridge!r}")
     kwargs = dict(recipe.bridge_kwargs)
     xattn = {k: kwargs.pop(k) for k in XATTN_KWARGS if k in kwargs}
-    vision = load_vision_encoder(recipe.vision, pretrained=pretrained)
-    lm, tokenizer = load_language_model(recipe.lm, quantization=recipe.quantization, lora=recipe.lora,
-                                        split_digits=recipe.split_digits)
+    vision, lm, tokenizer = load_parts(recipe, pretrained=pretrained)
     resampler = PerceiverResampler(vision.hidden_size, None, **kwargs)
-    model = FlamingoVLM(
-        vision, resampler, lm, tokenizer, **xattn,
-        feature_layer=recipe.feature_layer, image_size=recipe.image_size, image_mode=recipe.image_mode,
-        image_wrap=tuple(recipe.image_wrap) if recipe.image_wrap else None,
-        max_length=recipe.max_length, system_prompt=recipe.system_prompt,
-    )
-    if recipe.gradient_checkpointing and hasattr(lm, "gradient_checkpointing_enable"):
-        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    return model
-
-
-# ---------------------------------------------------------------- few-shot evaluation
-#: Few-shot tasks. "vqa": the interleaved question format of training ("Question: ..
-#: Answer: .."). "color" / "shape": an answer format never trained: single-object pictures
-#: labelled with one word, the object's colour (or shape); no question says which, so only
-#: the solved examples can tell the model what is asked.
-FEW_SHOT_TASKS = ("vqa", "color", "shape")
-_SHOT_OFFSET = 1_000_000  # shots come from indices far from the queries'
-
-
-def few_shot_record(world, split: str, index: int, shots: int, task: str = "color") -> dict:
-    """An interleaved prompt: ``shots`` solved examples, then the query image (Flamingo Sec. 3).
-
-    The query of ``(split, index)`` is the same for every shot count, so accuracies at 0, 2
-    and 4 shots differ only by the examples. Single-object worlds make "color"/"shape"
-    unambiguous; pass ``ShapesWorld(ShapesConfig(min_objects=1, max_objects=1))``.
-    """
-    if task not in FEW_SHOT_TASKS:
-        raise ValueError(f"few-shot task must be one of {FEW_SHOT_TASKS}, got {task!r}")
-    shot_ids = [_SHOT_OFFSET + index * 8 + j for j in range(shots)]
-    if task == "vqa":
-        query = world.sample(split, index, "vqa")
-        qtype = query["meta"]["qtype"]
-        examples = [world.sample(split, i, "vqa", qtype=qtype) for i in shot_ids]
-        question = lambda r: r["conversations"][0]["value"].replace("<image>\n", "")  # noqa: E731
-        doc = "".join(f"<image>\nQuestion: {question(r)} Answer: {r['meta']['answer']}\n" for r in examples)
-        doc += f"<image>\nQuestion: {question(query)} Answer:"
-        answer = query["meta"]["answer"]
-        images = [r["image"] for r in examples] + [query["image"]]
-    else:
-        scenes = [world.scene(split, i) for i in shot_ids] + [world.scene(split, index)]
-        if any(len(s.objects) != 1 for s in scenes):
-            raise ValueError(f"few-shot task {task!r} needs single-object scenes: use a world with "
-                             "ShapesConfig(min_objects=1, max_objects=1)")
-        labels = [getattr(s.objects[0], task) for s in scenes]
-        doc = "".join(f"<image>\n{a}\n" for a in labels[:-1]) + "<image>\n"
-        answer, images = labels[-1], [world.render(s) for s in scenes]
-    return {"id": f"{split}/{index}/fewshot-{task}-{shots}", "images": images,
-            "conversations": [{"from": "human", "value": doc}, {"from": "gpt", "value": answer}],
-            "meta": {"task": task, "shots": shots, "answer": answer}}
-
-
-def evaluate_few_shot(model, task: str = "color", shots: Sequence[int] = (0, 2, 4), *, n: int = 100,
-                      split: str = "test", world=None, batch_size: int = 16, max_new_tokens: int = 6,
-                      return_predictions: bool = False) -> dict[str, Any]:
-    """Accuracy per shot count on ``n`` queries (greedy answers, normalised exact match).
-
-    Only the first line of each answer counts (the examples end their answers there).
-    Returns ``{"task", "n", "accuracy": {shots: acc}, "format": {shots: share}}`` where
-    ``format`` is the share of answers that are one word of the asked kind (a colour for
-    "color", a shape for "shape"; for "vqa" any single word): did the model pick up the
-    answer format from the examples, right or wrong?
-    """
-    from mmkit.data.shapes import COLORS, SHAPES, ShapesConfig, ShapesWorld, normalize_answer
-
-    if world is None:
-        recipe = getattr(model, "recipe", None)
-        cfg = {"image_size": getattr(recipe, "image_size", 64), **(getattr(recipe, "shapes", {}) or {})}
-        if task != "vqa":
-            cfg.update(min_objects=1, max_objects=1)
-        world = ShapesWorld(ShapesConfig(**cfg), seed=getattr(recipe, "seed", 0))
-    kind = {"color": set(COLORS), "shape": set(SHAPES)}.get(task)
-    out: dict[str, Any] = {"task": task, "n": n, "accuracy": {}, "format": {}}
-    preds_all = {}
-    for k in shots:
-        records = [few_shot_record(world, split, i, k, task) for i in range(n)]
-        preds = []
-        for s in range(0, n, batch_size):
-            preds += model.generate(records=records[s:s + batch_size], max_new_tokens=max_new_tokens)
-        gold = [normalize_answer(r["meta"]["answer"]) for r in records]
-        # an answer ends its line: a document model goes on writing the document after it
-        # ("red\n<image>..."), so only the first line is the answer (Flamingo's stop sequence)
-        got = [normalize_answer(p.strip().split("\n")[0]) for p in preds]
-        out["accuracy"][k] = sum(g == p for g, p in zip(gold, got)) / max(1, n)
-        one_word = [p for p in got if len(p.split()) == 1]
-        out["format"][k] = sum(1 for p in one_word if kind is None or p in kind) / max(1, n)
-        preds_all[k] = [{"id": r["id"], "answer": r["meta"]["answer"], "prediction": p} for r, p in zip(records, preds)]
-    if return_predictions:
-        out["predictions"] = preds_all
-    return out
+    return FlamingoVLM(vision, resampler, lm, tokenizer, **xattn, **vlm_options(recipe))

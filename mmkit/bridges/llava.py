@@ -19,16 +19,14 @@ Three projectors, in the order the papers introduced them:
     mlp_norm      Yi-VL       Linear -> LayerNorm -> GELU -> Linear -> LayerNorm
 
 The ``mlp`` weights are named like transformers' ``LlavaMultiModalProjector``
-(``linear_1``, ``linear_2``), so ``load_hf_state_dict`` copies a real LLaVA-1.5
+(``linear_1``, ``linear_2``), so ``mmkit.convert.load_hf`` copies a real LLaVA-1.5
 projector across unchanged.
 """
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 
 from mmkit.bridges import Bridge, register_bridge
-from mmkit.nn import load_state_dict_strict
 
 __all__ = ["LinearProjector", "MLPProjector", "NormMLPProjector"]
 
@@ -65,25 +63,6 @@ class MLPProjector(_PerPatch):
     def forward(self, features: Tensor, grid: tuple[int, int] | None = None) -> Tensor:
         return self.linear_2(self.act(self.linear_1(features)))  # (N, P, D_lm)
 
-    def load_hf_state_dict(self, state_dict: dict[str, Tensor]) -> None:
-        """Copy a transformers ``LlavaMultiModalProjector`` state dict (same names).
-
-        Accepts the projector's own keys (``linear_1.weight``...) or a whole LLaVA
-        checkpoint's (``multi_modal_projector.linear_1.weight``...). Strict: every
-        weight must be present and of the right shape.
-        """
-        prefix = "multi_modal_projector."
-        own = {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in state_dict.items()
-               if k.startswith(prefix) or k.startswith("linear_")}
-        load_state_dict_strict(self, own, source="LlavaMultiModalProjector")
-
-    @classmethod
-    def from_hf(cls, hf_projector: nn.Module) -> "MLPProjector":
-        """Build from a transformers ``LlavaMultiModalProjector`` module, weights copied."""
-        l1, l2 = hf_projector.linear_1, hf_projector.linear_2
-        proj = cls(l1.in_features, l2.out_features, bias=l1.bias is not None)
-        proj.load_hf_state_dict(hf_projector.state_dict())
-        return proj.to(l1.weight.dtype)
 
 
 @register_bridge("mlp_norm")

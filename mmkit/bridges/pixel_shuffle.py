@@ -25,7 +25,6 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from mmkit.bridges import Bridge, register_bridge
-from mmkit.nn import load_state_dict_strict
 
 __all__ = ["PixelShuffleProjector", "PixelShuffleError", "pixel_shuffle", "check_grid"]
 
@@ -81,7 +80,7 @@ class PixelShuffleProjector(Bridge):
     """Idefics3's connector: ``pixel_shuffle`` then ``Linear(s*s*D_v, D_lm, bias=False)``.
 
     ``modality_projection.proj`` is named like transformers' ``Idefics3SimpleMLP`` so
-    ``load_hf_state_dict`` copies a real Idefics3 / SmolVLM connector across unchanged.
+    ``mmkit.convert.load_hf`` copies a real Idefics3 / SmolVLM connector across unchanged.
     """
 
     def __init__(self, vision_dim: int, lm_dim: int, scale_factor: int = 2):
@@ -101,25 +100,6 @@ class PixelShuffleProjector(Bridge):
             raise PixelShuffleError("pixel shuffle needs the patch grid (h, w): call bridge(features, grid).")
         x = pixel_shuffle(features, grid, self.scale_factor)  # (N, h*w/s^2, s^2 D_v)
         return self.modality_projection.proj(x)  # (N, h*w/s^2, D_lm)
-
-    def load_hf_state_dict(self, state_dict: dict[str, Tensor]) -> None:
-        """Copy an ``Idefics3Connector`` state dict: its own keys
-        (``modality_projection.proj.weight``) or a whole checkpoint's
-        (``model.connector.modality_projection.proj.weight``). Strict on names and shapes."""
-        key = "modality_projection.proj.weight"
-        own = {key: v for k, v in state_dict.items() if k == key or k.endswith("connector." + key)}
-        if not own:
-            own = dict(state_dict)  # let the strict loader list what is missing / unexpected
-        load_state_dict_strict(self, own, source="Idefics3Connector")
-
-    @classmethod
-    def from_hf(cls, hf_connector: nn.Module) -> "PixelShuffleProjector":
-        """Build from a transformers ``Idefics3Connector``, weights copied."""
-        proj = hf_connector.modality_projection.proj
-        s = int(hf_connector.scale_factor)
-        bridge = cls(proj.in_features // (s * s), proj.out_features, scale_factor=s)
-        bridge.load_hf_state_dict(hf_connector.state_dict())
-        return bridge.to(proj.weight.dtype)
 
     def extra_repr(self) -> str:
         return f"scale_factor={self.scale_factor}"

@@ -48,7 +48,8 @@ from torch import Tensor, nn
 from mmkit.bridges import Bridge
 from mmkit.encoder_free.fuyu import FuyuVLM, Patchify
 from mmkit.nn import MLP, Attention, sincos_2d
-from mmkit.vlm import VLMOutput, register_family
+from mmkit.vision import load_vision_encoder
+from mmkit.vlm import VLMOutput, load_parts, vlm_options
 
 __all__ = ["PatchEmbeddingLayer", "PatchAligningLayer", "EVEVLM", "build_eve", "OBJECTIVES",
            "window_partition", "patch_states"]
@@ -299,15 +300,11 @@ class EVEVLM(FuyuVLM):
 PEL_KWARGS = ("patch_size", "pool", "dim", "num_heads")
 
 
-@register_family("eve")
 def build_eve(recipe, pretrained: bool = True) -> EVEVLM:
     """An ``EVEVLM`` from a recipe. ``bridge_kwargs``: the PEL's ``patch_size``, ``pool``,
     ``dim``, ``num_heads``; ``max_size`` (image cap); ``align_weight`` and ``align_layers``
     (the PAL). ``recipe.vision`` names the frozen target encoder, ``recipe.feature_layer``
     its layer (EVE: CLIP, -2)."""
-    from mmkit.language import load_language_model
-    from mmkit.vision import load_vision_encoder
-
     kwargs = dict(recipe.bridge_kwargs)
     pel_kwargs = {k: kwargs.pop(k) for k in PEL_KWARGS if k in kwargs}
     max_size = kwargs.pop("max_size", None)
@@ -316,18 +313,11 @@ def build_eve(recipe, pretrained: bool = True) -> EVEVLM:
     if kwargs:
         raise ValueError(f"recipe {recipe.name!r}: unknown eve bridge_kwargs {sorted(kwargs)}; known: "
                          f"{[*PEL_KWARGS, 'max_size', 'align_weight', 'align_layers']}")
-    lm, tokenizer = load_language_model(recipe.lm, quantization=recipe.quantization, lora=recipe.lora,
-                                        split_digits=recipe.split_digits,
-                                        dtype=recipe.lm_dtype,
-                                        gradient_checkpointing=recipe.gradient_checkpointing)
+    _, lm, tokenizer = load_parts(recipe, pretrained=pretrained, vision=False)
     lm_dim = lm.config.get_text_config().hidden_size
     pel = PatchEmbeddingLayer(lm_dim, **pel_kwargs)
-    target = load_vision_encoder(recipe.vision, pretrained=pretrained)
+    target = load_vision_encoder(recipe.vision, pretrained=pretrained)  # the frozen encoder the PAL aligns to
     pal = PatchAligningLayer(lm_dim, target.hidden_size)
-    model = EVEVLM(Patchify(pel.stride, max_size), pel, lm, tokenizer, target=target, pal=pal,
-                   align_weight=align_weight, align_layers=align_layers, target_layer=recipe.feature_layer,
-                   image_size=recipe.image_size, image_wrap=tuple(recipe.image_wrap) if recipe.image_wrap else None,
-                   max_length=recipe.max_length, system_prompt=recipe.system_prompt)
-    if recipe.gradient_checkpointing and hasattr(lm, "gradient_checkpointing_enable"):
-        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    return model
+    return EVEVLM(Patchify(pel.stride, max_size), pel, lm, tokenizer, target=target, pal=pal,
+                  align_weight=align_weight, align_layers=align_layers, target_layer=recipe.feature_layer,
+                  **vlm_options(recipe, encoder=False))

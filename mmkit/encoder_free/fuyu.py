@@ -29,7 +29,7 @@ size (a batch may hold several grids, so ``pixel_values`` may be a list), and
 
 Parity: ``FuyuPatchEmbed.patchify`` and the linear embedding match transformers'
 ``FuyuImageProcessor.patchify_image`` + ``FuyuModel.vision_embed_tokens``
-(tests/test_fuyu.py); ``FuyuPatchEmbed.from_hf`` copies the weights of a real
+(tests/test_fuyu.py); ``mmkit.convert.from_hf`` copies the weights of a real
 ``FuyuForCausalLM``.
 """
 from __future__ import annotations
@@ -44,8 +44,7 @@ from torch import Tensor, nn
 
 from mmkit.bridges import Bridge
 from mmkit.language import NEWLINE_TOKEN
-from mmkit.nn import load_state_dict_strict
-from mmkit.vlm import VLM, register_family
+from mmkit.vlm import VLM, load_parts, vlm_options
 
 __all__ = ["Patchify", "FuyuPatchEmbed", "FuyuVLM", "build_fuyu", "patchify"]
 
@@ -148,21 +147,6 @@ class FuyuPatchEmbed(Bridge):
         patches = patchify(pixel_values.to(device=w.device, dtype=w.dtype), self.patch_size)  # (N, h*w, p*p*3)
         return self.vision_embed_tokens(patches)  # (N, h*w, D_lm)
 
-    # ------------------------------------------------------------ transformers
-    def load_hf_state_dict(self, state_dict: dict[str, Tensor]) -> None:
-        """Weights of a transformers ``FuyuModel.vision_embed_tokens`` (keys ``weight``, ``bias``)."""
-        load_state_dict_strict(self, {f"vision_embed_tokens.{k}": v for k, v in state_dict.items()},
-                               source="transformers FuyuModel.vision_embed_tokens")
-
-    @classmethod
-    def from_hf(cls, hf: nn.Module) -> "FuyuPatchEmbed":
-        """From a transformers ``FuyuForCausalLM`` / ``FuyuModel`` (real or tiny)."""
-        base = getattr(hf, "model", hf)
-        cfg = hf.config
-        lin = base.vision_embed_tokens
-        out = cls(cfg.patch_size, lin.out_features, cfg.num_channels)
-        out.load_hf_state_dict(lin.state_dict())
-        return out
 
 
 class FuyuVLM(VLM):
@@ -249,30 +233,18 @@ class FuyuVLM(VLM):
 
 
 # --------------------------------------------------------------------------- builder
-@register_family("fuyu")
 def build_fuyu(recipe, pretrained: bool = True) -> FuyuVLM:
     """A ``FuyuVLM`` from a recipe: ``bridge_kwargs`` = ``{"patch_size": 8, "max_size": 128}``.
 
     ``recipe.image_size`` is only the size ShapesWorld renders training images at; the
     model itself takes any size up to ``max_size``.
     """
-    from mmkit.language import load_language_model
-
     kwargs = dict(recipe.bridge_kwargs)
     patch_size = int(kwargs.pop("patch_size", 8))
     max_size = kwargs.pop("max_size", None)
     if kwargs:
         raise ValueError(f"recipe {recipe.name!r}: unknown fuyu bridge_kwargs {sorted(kwargs)}; "
                          "known: patch_size, max_size")
-    lm, tokenizer = load_language_model(recipe.lm, quantization=recipe.quantization, lora=recipe.lora,
-                                        split_digits=recipe.split_digits,
-                                        dtype=recipe.lm_dtype,
-                                        gradient_checkpointing=recipe.gradient_checkpointing)
-    patchifier = Patchify(patch_size, max_size)
+    _, lm, tokenizer = load_parts(recipe, pretrained=pretrained, vision=False)
     patch_embed = FuyuPatchEmbed(patch_size, lm.config.get_text_config().hidden_size)
-    model = FuyuVLM(patchifier, patch_embed, lm, tokenizer, image_size=recipe.image_size,
-                    image_wrap=tuple(recipe.image_wrap) if recipe.image_wrap else None,
-                    max_length=recipe.max_length, system_prompt=recipe.system_prompt)
-    if recipe.gradient_checkpointing and hasattr(lm, "gradient_checkpointing_enable"):
-        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    return model
+    return FuyuVLM(Patchify(patch_size, max_size), patch_embed, lm, tokenizer, **vlm_options(recipe, encoder=False))

@@ -35,7 +35,7 @@ from __future__ import annotations
 from typing import Any
 
 from mmkit.language import IMAGE_TOKEN
-from mmkit.vlm import VLM, build_prefix, register_family
+from mmkit.vlm import VLM, build_prefix
 
 __all__ = ["build_interleaved", "token_budget", "LM_INIT"]
 
@@ -51,7 +51,6 @@ def _reinitialise(lm):
     return fresh
 
 
-@register_family("interleaved")
 def build_interleaved(recipe, pretrained: bool = True) -> VLM:
     """A document-reading VLM (KOSMOS-1 / PaLM-E) from a recipe.
 

@@ -43,9 +43,9 @@ from torch import Tensor, nn
 
 from mmkit.data.processor import IGNORE_INDEX, Processor
 from mmkit.language import IMAGE_TOKEN
-from mmkit.vlm import VLM, VLMOutput, register_family
+from mmkit.vlm import VLM, VLMOutput, eager_attention, load_parts
 
-__all__ = ["UnifiedLM", "ModalityMask", "build_unified", "evaluate_drawing", "BOI", "EOI"]
+__all__ = ["UnifiedLM", "ModalityMask", "build_unified", "BOI", "EOI"]
 
 BOI, EOI = "<boi>", "<eoi>"
 
@@ -211,6 +211,7 @@ class UnifiedLM(nn.Module):
 
     # a user message (str) or a message list -> a record: the same convention as every VLM
     prompt_record = VLM.prompt_record
+    prompt_batch = VLM.prompt_batch
 
     def split_reply(self, ids: Sequence[int]) -> dict[str, Any]:
         """Generated ids -> ``{"text", "images"}``; the text has ``<image>`` where a picture is."""
@@ -257,12 +258,7 @@ class UnifiedLM(nn.Module):
         """
         from transformers import LogitsProcessorList
 
-        if records is None:
-            records = [self.prompt_record(images, messages or "")]
-        batch = self.processor(records, for_generation=True)
-        device = next(self.lm.parameters()).device
-        ids = batch["input_ids"].to(device)
-        mask = batch["attention_mask"].to(device)
+        ids, mask, _ = self.prompt_batch(images, messages, records)
         # the guard scales each modality by its own temperature (0 -> ~greedy), so generate
         # samples at temperature 1 whenever either modality samples
         sample = temperature > 0 or image_temperature > 0
@@ -306,16 +302,12 @@ class UnifiedLM(nn.Module):
         target = labels[1:]
         rows = ((target != IGNORE_INDEX) & ((target < self.code_start) |
                                             (target >= self.code_start + self.num_codes))).nonzero().flatten()
-        old_impl = self.lm.config._attn_implementation
         was_training = self.training
         self.eval()
         try:
-            if old_impl != "eager":
-                self.lm.set_attn_implementation("eager")
-            out = self.lm(input_ids=ids, attention_mask=batch["attention_mask"].to(device), output_attentions=True)
+            with eager_attention(self.lm):
+                out = self.lm(input_ids=ids, attention_mask=batch["attention_mask"].to(device), output_attentions=True)
         finally:
-            if self.lm.config._attn_implementation != old_impl:
-                self.lm.set_attn_implementation(old_impl)
             self.train(was_training)
         a = torch.stack([x[0].float().mean(0)[rows.to(x.device)].cpu() for x in out.attentions])  # (L, R, T)
         h, w = self.vq.grid
@@ -336,7 +328,6 @@ class UnifiedLM(nn.Module):
                            f"to each image's {h}x{w} VQ codes, mean over heads (all layers, and the last)")}
 
 
-@register_family("unified")
 def build_unified(recipe, pretrained: bool = True) -> UnifiedLM:
     """A ``UnifiedLM`` from a recipe.
 
@@ -348,7 +339,6 @@ def build_unified(recipe, pretrained: bool = True) -> UnifiedLM:
     """
     from transformers import AutoModelForCausalLM
 
-    from mmkit.language import load_language_model
     from mmkit.native.vq import load_vqvae
 
     kwargs = dict(recipe.bridge_kwargs)
@@ -365,8 +355,7 @@ def build_unified(recipe, pretrained: bool = True) -> UnifiedLM:
     if recipe.quantization or recipe.lora:
         raise ValueError(f"recipe {recipe.name!r}: the unified decoder is trained in full (no 4-bit, no LoRA)")
     vq = load_vqvae(recipe.vision)
-    lm, tokenizer = load_language_model(recipe.lm, dtype=recipe.lm_dtype,
-                                        split_digits=recipe.split_digits)
+    _, lm, tokenizer = load_parts(recipe, pretrained=pretrained, vision=False)
     code_start = len(tokenizer)
     if lm_init == "scratch":
         config = lm.config
@@ -382,56 +371,3 @@ def build_unified(recipe, pretrained: bool = True) -> UnifiedLM:
     lm.config.vocab_size = code_start + vq.num_codes
     return UnifiedLM(lm, tokenizer, vq, code_start=code_start, image_weight=image_weight,
                      max_length=recipe.max_length, system_prompt=recipe.system_prompt)
-
-
-def evaluate_drawing(model: UnifiedLM, *, n: int = 100, split: str = "test", world=None, batch_size: int = 16,
-                     image_temperature: float = 1.0, seed: int = 0, return_samples: int = 0) -> dict[str, Any]:
-    """Text -> image: ask for ``n`` ShapesWorld "draw" prompts and check each picture.
-
-    The checker (``mmkit.native.checker.check_drawing``) parses the drawing back into
-    objects with the scene renderer's own colours and shapes. Returns ``ok`` (share of
-    drawings in which every described object is found: colour and shape), ``object_recall``
-    (share of described objects found), ``color_recall`` (share of described objects whose
-    colour appears in the drawing, whatever the shape), ``drawn`` (share of replies holding a picture),
-    ``extra`` (objects drawn but not asked for, per drawing) and optionally
-    ``samples``: ``return_samples`` dicts ``{"prompt", "image", "truth", "found", "ok"}``.
-    """
-    from mmkit.data.shapes import ShapesConfig, ShapesWorld
-    from mmkit.native.checker import check_drawing
-
-    if world is None:
-        recipe = getattr(model, "recipe", None)
-        cfg = {"image_size": model.image_size[0], **(getattr(recipe, "shapes", {}) or {})}
-        world = ShapesWorld(ShapesConfig(**cfg), seed=getattr(recipe, "seed", 0))
-    torch.manual_seed(seed)  # the pictures are sampled: the same seed gives the same drawings
-    records = [world.sample(split, i, "draw") for i in range(n)]
-    prompts = [{**r, "image": None, "conversations": r["conversations"][:1]} for r in records]
-    replies: list[dict] = []
-    for s in range(0, n, batch_size):
-        replies += model.generate(records=prompts[s:s + batch_size], max_new_tokens=4,
-                                  image_temperature=image_temperature, return_images=True)
-    ok = found = wanted = drawn = extra = colours = 0
-    samples = []
-    for r, rep in zip(records, replies):
-        scene = r["meta"]["scene"]
-        wanted += len(scene.objects)
-        if not rep["images"]:
-            if len(samples) < return_samples:
-                samples.append({"prompt": r["meta"]["prompt"], "image": None, "truth": r["image"],
-                                "found": [], "ok": False})
-            continue
-        drawn += 1
-        res = check_drawing(rep["images"][0], scene)
-        ok += bool(res["ok"])
-        found += len(res["found"])
-        drawn_colours = {o["color"] for o in res["objects"]}
-        colours += sum(o.color in drawn_colours for o in scene.objects)
-        extra += len(res["extra"])
-        if len(samples) < return_samples:
-            samples.append({"prompt": r["meta"]["prompt"], "image": rep["images"][0], "truth": r["image"],
-                            "found": res["found"], "ok": bool(res["ok"])})
-    out = {"task": "draw", "split": split, "n": n, "ok": ok / max(1, n), "object_recall": found / max(1, wanted),
-           "color_recall": colours / max(1, wanted), "drawn": drawn / max(1, n), "extra": extra / max(1, drawn)}
-    if return_samples:
-        out["samples"] = samples
-    return out

@@ -476,6 +476,30 @@ def plot_label_mask(
 
 
 # ------------------------------------------------------------------------------ curves
+def plot_qformer_masks(num_queries: int = 4, text: list[str] | None = None, *, cell: float = 0.32):
+    """BLIP-2's three stage-1 masks side by side, rows/columns labelled q0.. and the words.
+
+    Drawn from the same functions the objectives use (``mmkit.bridges.blip2.MASKS``);
+    True = may attend.
+    """
+    import torch
+
+    from mmkit.bridges.blip2 import MASKS
+
+    text = text or ["[CLS]", "a", "red", "circle"]
+    labels = [f"q{i}" for i in range(num_queries)] + list(text)
+    plt = _plt()
+    T = len(labels)
+    fig, axes = plt.subplots(1, 3, figsize=(3 * (T * cell + 1.2), T * cell + 1.6))
+    titles = {"itc": "ITC: uni-modal", "itm": "ITM: bidirectional", "itg": "ITG: multimodal causal"}
+    for ax, (name, fn) in zip(axes, MASKS.items()):
+        m = fn(num_queries, torch.ones(1, len(text)))[0]
+        plot_matrix(m, labels, labels, titles[name], ax=ax, colorbar=False, annotate=False, cmap="Greens",
+                    xlabel="key (attended to)", ylabel="query (attending)" if name == "itc" else "")
+    fig.tight_layout()
+    return _finish(fig)
+
+
 def _load_history(source: Any) -> list[dict]:
     if hasattr(source, "history"):  # a Trainer
         source = source.history

@@ -1,0 +1,92 @@
+"""Training callbacks: what the notebooks watch while a model trains.
+
+The ``Trainer`` (``mmkit.train``) calls ``on_stage_start``, ``on_step_end`` and
+``on_stage_end`` of each callback it is given. This module does not import the trainer,
+so a model file can name a callback without pulling the training loop in.
+
+    GateLogger        |tanh(alpha)| of every Flamingo gate over training (Fig. 6)
+    AccuracyTracker   ``mmkit.eval.evaluate`` at chosen steps: a learning curve
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Sequence
+
+__all__ = ["Callback", "StopTraining", "GateLogger", "AccuracyTracker"]
+
+
+class Callback:
+    """Override what you need; ``logs`` has stage, step, global_step, loss, lr, ..."""
+
+    def on_stage_start(self, trainer, stage) -> None: ...
+
+    def on_step_end(self, trainer, logs: dict[str, Any]) -> None: ...
+
+    def on_stage_end(self, trainer, stage) -> None: ...
+
+
+class StopTraining(Exception):
+    """Raised by a callback to stop (the last checkpoint stays valid)."""
+
+
+class GateLogger(Callback):
+    """Records |tanh(alpha)| of every gated block during training (Flamingo Fig. 6).
+
+    ``history``: one dict per logged step, ``{"global_step": s, "xattn/0": v, "dense/0": v, ...}``
+    (the key's number is the LM layer), also appended to ``OUT/gates.jsonl``.
+    ``curves("xattn")`` gives ``{"layer 0": {step: value}}`` for ``mmkit.viz.plot_curves``.
+    """
+
+    def __init__(self, every: int = 1, filename: str | None = "gates.jsonl"):
+        self.every, self.filename = every, filename
+        self.history: list[dict[str, float]] = []
+
+    def _log(self, trainer, step: int) -> None:
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        if not hasattr(model, "gate_values"):
+            raise TypeError("GateLogger needs a FlamingoVLM (a model with gate_values())")
+        row: dict[str, float] = {"global_step": step}
+        for kind, per_layer in model.gate_values().items():
+            row.update({f"{kind}/{i}": v for i, v in per_layer.items()})
+        if self.history and self.history[-1]["global_step"] == step:
+            return
+        self.history.append(row)
+        if self.filename and trainer.is_main:
+            with open(Path(trainer.out_dir) / self.filename, "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+    def on_stage_start(self, trainer, stage) -> None:
+        if not self.history:
+            self._log(trainer, 0)  # the gates before any step (0 with tanh gating)
+
+    def on_step_end(self, trainer, logs: dict[str, Any]) -> None:
+        if logs["global_step"] % self.every == 0:
+            self._log(trainer, logs["global_step"])
+
+    def curves(self, kind: str = "xattn") -> dict[str, dict[int, float]]:
+        out: dict[str, dict[int, float]] = {}
+        for row in self.history:
+            for k, v in row.items():
+                if k.startswith(kind + "/"):
+                    out.setdefault(f"layer {k.split('/')[1]}", {})[int(row["global_step"])] = v
+        return out
+
+
+class AccuracyTracker(Callback):
+    """Trainer callback: ``mmkit.eval.evaluate(model, task, n=n)`` at the given global steps.
+
+    ``history`` = {global_step: metric}; steps are counted across stages.
+    """
+
+    def __init__(self, at: Sequence[int], task: str = "vqa", n: int = 100, metric: str = "accuracy"):
+        self.at, self.task, self.n, self.metric = set(int(a) for a in at), task, n, metric
+        self.history: dict[int, float] = {}
+
+    def on_step_end(self, trainer, logs: dict[str, Any]) -> None:
+        step = int(logs["global_step"])
+        if step in self.at:
+            from mmkit.eval import evaluate
+
+            model = trainer.accelerator.unwrap_model(trainer.model)
+            self.history[step] = float(evaluate(model, self.task, n=self.n)[self.metric])
