@@ -253,7 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--grad-accum", type=int, default=8)
     b.add_argument("--steps", type=int, default=3, help="memory: optimizer steps (the first is not timed)")
     b.add_argument("--target", action="store_true",
-                   help="memory: only the target row (QLoRA, 512 tokens, batch 4, gradient checkpointing)")
+                   help="memory: only the QLoRA row (512 tokens, batch 4, gradient checkpointing)")
     b.set_defaults(fn=cmd_bench)
 
     x = sub.add_parser("export", help="write a merged (LoRA folded in, not quantised) model")

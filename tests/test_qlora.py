@@ -57,7 +57,7 @@ def test_qlora_learns_colours_and_checkpoint_is_peft(qlora_run):
     res = evaluate(model, "vqa", n=64)
     blind = evaluate(model, "vqa", n=64, blind=True)
     # 8 colours: chance is 1/8. The bridge + LoRA learned to read colour from the image
-    # (measured on the session-6 encoder: 0.58 with the image, 0.22 blind, after 40 + 120 steps;
+    # (measured on the shipped encoder: 0.58 with the image, 0.22 blind, after 40 + 120 steps;
     # 80 steps gave 0.36 vs 0.19 there, 0.47 vs 0.14 on the earlier encoder).
     assert res["accuracy"] >= 0.35 and res["accuracy"] > blind["accuracy"] + 0.2, (res, blind)
 
