@@ -19,7 +19,6 @@ VENV   ?= .venv
 LOCK   ?= requirements.lock
 EXTRAS ?= dev,data
 TORCH_INDEX ?=
-TEST_CMD = SMOKE=1 MPLBACKEND=Agg $(1) -m pytest -q tests --nbmake notebooks
 PY  := $(VENV)/bin/python
 PIP := $(PY) -m pip
 
@@ -39,7 +38,7 @@ demo: install
 	$(VENV)/bin/mmkit demo
 
 test: install
-	$(call TEST_CMD,$(PY))
+	SMOKE=1 MPLBACKEND=Agg $(PY) -m pytest -q tests --nbmake notebooks
 
 # The unit tests without the notebooks and without the tests marked slow (two-process
 # training, the smoke zoo build): a quick loop while editing. `make test` runs everything.
@@ -59,7 +58,7 @@ test-latest:
 	.venv-latest/bin/python -m pip install --upgrade --quiet pip
 	.venv-latest/bin/python -m pip install --upgrade --upgrade-strategy eager --quiet -e ".[$(EXTRAS)]"
 	.venv-latest/bin/python -m pip list 2>/dev/null | grep -iE "^(torch|transformers|peft|bitsandbytes|gradio|accelerate|timm) "
-	$(call TEST_CMD,.venv-latest/bin/python)
+	SMOKE=1 MPLBACKEND=Agg .venv-latest/bin/python -m pytest -q tests --nbmake notebooks
 
 env: install
 	$(VENV)/bin/mmkit env
