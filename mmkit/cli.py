@@ -101,7 +101,17 @@ def cmd_zoo(args: argparse.Namespace) -> int:
     from mmkit import zoo
 
     if args.action == "build":
-        report = zoo.build(out=args.out, smoke=args.smoke, only=args.only)
+        settings = {}
+        for item in args.set or []:
+            key, sep, value = item.partition("=")
+            if not sep:
+                raise SystemExit(f"zoo build --set {item!r}: write KEY=VALUE, e.g. --set lm_steps=4000")
+            try:
+                settings[key] = json.loads(value)
+            except json.JSONDecodeError:
+                settings[key] = value
+        report = zoo.build(out=args.out, smoke=args.smoke, only=args.only, settings=settings,
+                           curve_every=args.curve)
         _print_json_last(report)
     elif args.action == "models":  # the trained family models the demo ships with
         names = [args.only] if args.only else list(zoo.SHIPPED_MODELS)
@@ -238,6 +248,10 @@ def build_parser() -> argparse.ArgumentParser:
     z.add_argument("--smoke", action="store_true", help="a seconds-long build, for tests")
     z.add_argument("--only", default=None,
                    help="build: vision | lm | vq; models: one recipe name (default: every shipped model)")
+    z.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="build: override a build setting (mmkit.zoo.SETTINGS), e.g. --set lm_steps=4000")
+    z.add_argument("--curve", type=int, default=0, metavar="N",
+                   help="build: measure the LM's own reading every N LM steps (the report's lm_curve)")
     z.set_defaults(fn=cmd_zoo)
 
     b = sub.add_parser("bench", help="speed benchmarks that print their figures")

@@ -59,7 +59,10 @@ REPORT = "tiny/report.json"
 # (that many reading_corpus documents join the LM's corpus), "lm_config" (tiny_lm_config
 # overrides, e.g. a wider LM), "clip_lr", "stem" ("conv"), "cap_weight" / "cap_parallel"
 # (a CapPa-style captioning loss next to CLIP's), "region_layer" (which hidden state the
-# alignment trains; default -2, the one bridges read). docs/benchmarks.md measures each.
+# alignment trains; default -2, the one bridges read), "answer_weight" (answer tokens weigh
+# that much more in the LM's loss). docs/experiments.md measures each.
+OPTIONAL_SETTINGS = {"reading", "lm_config", "clip_lr", "stem", "cap_weight", "cap_parallel", "region_layer",
+                     "answer_weight"}
 SETTINGS: dict[str, dict[str, Any]] = {
     "full": dict(corpus=20_000, vocab=2048, clip_images=16_000, clip_steps=1000, clip_batch=96, hard_negatives=True,
                  region_weight=1.0, lm_steps=600, lm_batch=32, probe_train=1500, probe_test=500, blind_n=300, ppl_n=500),
@@ -97,11 +100,15 @@ def reading_accuracy(vision, lm, tokenizer, n: int) -> dict[str, Any]:
 
 # ------------------------------------------------------------------------------ build
 def build(out: str | Path | None = None, *, smoke: bool = False, only: str | None = None,
-          progress: bool = True) -> dict[str, Any]:
+          progress: bool = True, settings: dict[str, Any] | None = None, curve_every: int = 0) -> dict[str, Any]:
     """Retrain the tiny tokenizer + ViT + LM from scratch and write them to ``out``.
 
     Deterministic (fixed seeds, single process). ``out`` defaults to the shipped
     ``assets/`` folder. Returns the quality report (also saved as report.json).
+    ``settings`` overrides keys of ``SETTINGS`` (an experiment: ``{"lm_steps": 4000,
+    "reading": 20000}``; an unknown key is an error). ``curve_every`` > 0 measures the LM's
+    own reading (``reading_vqa``, n = ``blind_n``) every that many LM steps: the report's
+    ``lm_curve``. ``only="lm"`` into an ``out`` without a vision encoder uses the shipped one.
     """
     from mmkit.data.shapes import ShapesConfig, ShapesWorld
     from mmkit.vision import load_vision_encoder
@@ -109,7 +116,11 @@ def build(out: str | Path | None = None, *, smoke: bool = False, only: str | Non
     if only not in (None, "vision", "lm", "vq"):
         raise ValueError(f"zoo build --only takes 'vision', 'lm' or 'vq', got {only!r} "
                          "(family models: `mmkit zoo models --only RECIPE`)")
-    s = SETTINGS["smoke" if smoke else "full"]
+    s = dict(SETTINGS["smoke" if smoke else "full"])
+    unknown = sorted(set(settings or {}) - set(s) - OPTIONAL_SETTINGS)
+    if unknown:
+        raise ValueError(f"zoo build: unknown setting(s) {unknown}; known: {sorted(set(s) | OPTIONAL_SETTINGS)}")
+    s.update(settings or {})
     root = Path(out) if out else assets_dir()
     t0 = time.perf_counter()
     torch.manual_seed(0)
@@ -122,9 +133,22 @@ def build(out: str | Path | None = None, *, smoke: bool = False, only: str | Non
         vision, report["vision"] = train_vision(world, tokenizer, s, progress)
         vision.model.save_pretrained(root / VISION_DIR)
     else:
-        vision = load_vision_encoder(str(root / VISION_DIR))
+        has_vision = (root / VISION_DIR).exists()
+        vision = load_vision_encoder(str((root if has_vision else assets_dir()) / VISION_DIR))
     if only in (None, "lm"):
-        lm, report["lm"] = train_lm(world, tokenizer, s, progress)
+        curve: list[dict[str, Any]] = []
+
+        def measure(step: int, lm) -> None:
+            if curve_every and (step % curve_every == 0 or step == s["lm_steps"]):
+                lm.eval()
+                curve.append({"step": step, **reading_accuracy(vision, lm, tokenizer, s["blind_n"])})
+                if progress:
+                    print(f"LM step {step}: reading_vqa {curve[-1]['reading_vqa']:.3f}", flush=True)
+
+        lm, report["lm"] = train_lm(world, tokenizer, s, progress, on_step=measure if curve_every else None)
+        if curve:
+            report["lm"]["lm_curve"] = curve
+        report["lm"]["settings"] = {k: s[k] for k in sorted(s) if k.startswith(("lm_", "reading", "answer", "corpus"))}
         (root / LM_DIR).mkdir(parents=True, exist_ok=True)
         lm.save_pretrained(root / LM_DIR)
         tokenizer.save_pretrained(root / LM_DIR)

@@ -274,3 +274,29 @@ def test_shipped_family_models_build_and_load(tiny_assets, tmp_path):
     assert len(entries) == 1 and entries[0].error is None
     with pytest.raises(ValueError, match="zoo models"):
         zoo.build(out=tmp_path, smoke=True, only="llava-tiny")
+
+
+def test_answer_mask_marks_only_what_the_assistant_writes():
+    from mmkit.language import load_language_model
+    from mmkit.pretrain.common import tokenize
+    from mmkit.pretrain.lm import answer_mask
+
+    _, tok = load_language_model("tiny")
+    doc = "<|im_start|>user\nWhat shape is the red object?<|im_end|>\n<|im_start|>assistant\nstar<|im_end|>\n"
+    two = doc + "<|im_start|>user\nAnd its size?<|im_end|>\n<|im_start|>assistant\nsmall<|im_end|>\n"
+    ids, _ = tokenize(tok, [doc, two], 160)
+    m = answer_mask(ids, tok)
+    assert tok.decode(ids[0][m[0]]) == "star<|im_end|>"
+    assert tok.decode(ids[1][m[1]]) == "star<|im_end|>small<|im_end|>"
+
+
+def test_build_settings_override_and_reading_curve(tmp_path):
+    from mmkit import zoo
+
+    with pytest.raises(ValueError, match="unknown setting"):
+        zoo.build(tmp_path, smoke=True, only="lm", settings={"lm_stepz": 3}, progress=False)
+    rep = zoo.build(tmp_path, smoke=True, only="lm", settings={"lm_steps": 4, "reading": 16, "answer_weight": 3.0},
+                    curve_every=2, progress=False)
+    assert [c["step"] for c in rep["lm"]["lm_curve"]] == [2, 4]
+    assert rep["lm"]["steps"] == 4 and rep["lm"]["settings"]["answer_weight"] == 3.0
+    assert all(0.0 <= c["reading_vqa"] <= 1.0 for c in rep["lm"]["lm_curve"])

@@ -17,12 +17,14 @@ import math
 import time
 
 import torch
-from torch import nn
+import torch.nn.functional as F
+from torch import Tensor, nn
 
 from mmkit.pretrain.common import optimizer_step, progress_bar, tokenize
 from mmkit.train import warmup_cosine
 
-__all__ = ["LM_CHAT_TASKS", "READING_TASKS", "lm_corpus", "reading_corpus", "build_tokenizer", "train_lm"]
+__all__ = ["LM_CHAT_TASKS", "READING_TASKS", "lm_corpus", "reading_corpus", "build_tokenizer", "answer_mask",
+           "train_lm"]
 
 
 # ------------------------------------------------------------------------- the text
@@ -96,8 +98,36 @@ def build_tokenizer(world, s: dict):
     return build_tiny_tokenizer(lm_corpus(world, "train", s["corpus"]), vocab_size=s["vocab"])
 
 
-def train_lm(world, tokenizer, s: dict, progress: bool = True) -> tuple[nn.Module, dict]:
-    """Causal-LM pre-training of the tiny Llama on ShapesWorld text."""
+def answer_mask(ids: Tensor, tokenizer) -> Tensor:
+    """(B, T) ChatML ids -> (B, T) bool: the tokens of every assistant answer, its closing
+    ``<|im_end|>`` included (what a chat model is asked to write; the role header is not)."""
+    start = tokenizer.convert_tokens_to_ids("<|im_start|>")
+    end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    header = tokenizer("assistant\n", add_special_tokens=False)["input_ids"]
+    H = len(header)
+    out = torch.zeros_like(ids, dtype=torch.bool)
+    for b, row in enumerate(ids.tolist()):
+        t = 0
+        while t < len(row):
+            if row[t] == start and row[t + 1:t + 1 + H] == header:
+                t += 1 + H  # the first token of the answer
+                while t < len(row):
+                    out[b, t] = True
+                    if row[t] == end:
+                        break
+                    t += 1
+            t += 1
+    return out
+
+
+def train_lm(world, tokenizer, s: dict, progress: bool = True, on_step=None) -> tuple[nn.Module, dict]:
+    """Causal-LM pre-training of the tiny Llama on ShapesWorld text.
+
+    ``s`` (a ``zoo.SETTINGS`` entry): ``corpus`` documents of ``lm_corpus`` plus ``reading``
+    documents of ``reading_corpus``, ``lm_steps`` x ``lm_batch``; ``answer_weight`` > 1 weighs
+    the tokens of assistant answers that much more than the rest of the text (default 1: one
+    mean over every token). ``on_step(step, lm)`` is called after each step (a learning curve).
+    """
     from transformers import LlamaForCausalLM
 
     from mmkit.language import special_token_ids, tiny_lm_config
@@ -109,9 +139,11 @@ def train_lm(world, tokenizer, s: dict, progress: bool = True) -> tuple[nn.Modul
     texts = lm_corpus(world, "train", s["corpus"]) + reading_corpus(world, "train", s.get("reading", 0),
                                                                      start=s["corpus"])
     ids, mask = tokenize(tokenizer, texts, 160)
+    weight = float(s.get("answer_weight", 1.0))
+    answers = answer_mask(ids, tokenizer) if weight != 1.0 else None
     opt = torch.optim.AdamW(lm.parameters(), lr=3e-3, weight_decay=0.01, betas=(0.9, 0.98))
     g = torch.Generator().manual_seed(1)
-    t0 = time.perf_counter()
+    t0, measured = time.perf_counter(), 0.0
     bar = progress_bar(s["lm_steps"], "LM    (text)  ", progress)
     lm.train()
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(max(1, s["lm_steps"] // 20), s["lm_steps"], 0.0))
@@ -121,9 +153,23 @@ def train_lm(world, tokenizer, s: dict, progress: bool = True) -> tuple[nn.Modul
         T = int(m.sum(1).max())
         x, m = ids[idx, :T], m[:, :T]
         labels = x.masked_fill(m == 0, -100)
-        optimizer_step(lm(input_ids=x, attention_mask=m, labels=labels).loss, opt, sched, list(lm.parameters()), bar)
+        if weight == 1.0:
+            loss = lm(input_ids=x, attention_mask=m, labels=labels).loss
+        else:  # a weighted mean: answer tokens count `weight` times
+            logits = lm(input_ids=x, attention_mask=m).logits[:, :-1].float()
+            target, keep = labels[:, 1:], (labels[:, 1:] != -100).float()
+            w = keep * (1.0 + (weight - 1.0) * answers[idx, 1:T].float())
+            ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100,
+                                 reduction="none").view_as(w)
+            loss = (ce * w).sum() / w.sum()
+        optimizer_step(loss, opt, sched, list(lm.parameters()), bar)
+        if on_step is not None:
+            t_cb = time.perf_counter()
+            on_step(step + 1, lm)
+            lm.train()
+            measured += time.perf_counter() - t_cb
     bar.close()
-    train_s = time.perf_counter() - t0
+    train_s = time.perf_counter() - t0 - measured  # training alone, without the callback's measurements
     lm.eval()
 
     # Held-out perplexity on validation text.
