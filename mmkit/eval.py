@@ -288,16 +288,12 @@ def evaluate_drawing(model, *, n: int = 100, split: str = "test", world=None, ba
 @torch.no_grad()
 def itc_embed(model, images: list, captions: list[str]) -> tuple[Tensor, Tensor]:
     """A BLIP-2 model's ITC vectors for PIL images and caption strings: (N, Q, E) and (M, E)."""
+    from mmkit.data.processor import pad_rows
+
     ids = [model.tokenizer(c, add_special_tokens=False)["input_ids"] for c in captions]
     end = model.tokenizer.convert_tokens_to_ids("<|im_end|>")
     max_len = model.bridge.qformer.config.max_position_embeddings - 1
-    ids = [(i + [end])[:max_len] for i in ids]
-    L = max(len(i) for i in ids)
-    text = torch.zeros(len(ids), L, dtype=torch.long)
-    mask = torch.zeros_like(text)
-    for k, i in enumerate(ids):
-        text[k, : len(i)] = torch.tensor(i)
-        mask[k, : len(i)] = 1
+    text, mask = pad_rows([(i + [end])[:max_len] for i in ids])
     device = next(model.bridge.parameters()).device
     was_training = model.training
     model.eval()  # no dropout: the same inputs always give the same vectors

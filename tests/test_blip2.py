@@ -8,7 +8,7 @@ import torch
 
 from mmkit.convert import from_hf, load_hf, qformer_config_from_hf
 
-from mmkit.bridges.blip2 import (MASKS, QFormer, QFormerBridge, QFormerConfig, bidirectional_mask, caption_ids,
+from mmkit.bridges.blip2 import (MASKS, QFormer, QFormerBridge, QFormerConfig, bidirectional_mask,
                                  multimodal_causal_mask, uni_modal_mask)
 from mmkit.nn import WeightsMismatchError, inspect
 
@@ -191,12 +191,13 @@ def instructblip(tiny_assets):
 
 
 def test_caption_is_the_assistant_turn(blip2):
+    from mmkit.data.processor import answer_ids
     from mmkit.data.shapes import ShapesWorld
 
     recs = [ShapesWorld().sample("train", i, task="caption") for i in range(3)]
     batch = blip2.processor(recs)
     end = blip2.tokenizer.convert_tokens_to_ids("<|im_end|>")
-    ids, mask = caption_ids(batch["input_ids"], batch["labels"], end, 63)
+    ids, mask = answer_ids(batch["input_ids"], batch["labels"], end, 63)
     for r, row, m in zip(recs, ids, mask):
         text = blip2.tokenizer.decode(row[m.bool()], skip_special_tokens=False)
         assert text == r["conversations"][-1]["value"] + "<|im_end|>"

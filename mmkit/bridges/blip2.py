@@ -47,7 +47,7 @@ Q-Former's word embeddings are indexed by the *tiny LM's tokenizer* (2048 ids) p
 rows of its own: ``[CLS]`` (ITC), ``[ENC]`` (ITM) and ``[DEC]`` (ITG), the task tokens
 BLIP puts first. One vocabulary means no second tokenizer to ship, and the caption needs
 no re-encoding: stage 1 reads it straight from the processor's batch (the assistant turn
-of a caption record, ``caption_ids``). The ITG head is a BERT LM head whose output matrix
+of a caption record, ``mmkit.data.processor.answer_ids``). The ITG head is a BERT LM head whose output matrix
 is tied to these word embeddings. Real checkpoints bring their own BERT vocabulary
 (``vocab_size`` from their config) through ``mmkit.convert.load_hf``.
 
@@ -65,13 +65,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mmkit.bridges import Bridge, register_bridge
+from mmkit.data.processor import answer_ids, image_turns, pad_rows
 from mmkit.nn import MLP, Attention
 from mmkit.vlm import VLM, VLMOutput, load_parts, vlm_options
 
 __all__ = [
     "QFormerConfig", "QFormer", "QFormerLayer", "QFormerBridge",
     "uni_modal_mask", "bidirectional_mask", "multimodal_causal_mask", "MASKS",
-    "Blip2VLM", "InstructBlipVLM", "caption_ids",
+    "Blip2VLM", "InstructBlipVLM",
 ]
 
 OBJECTIVES = ("itc", "itm", "itg")
@@ -441,33 +442,6 @@ class QFormerBridge(Bridge):
 # The models: the prefix VLM, plus stage-1 objectives (BLIP-2, MiniGPT-4) and the
 # instruction-aware Q-Former (InstructBLIP)
 # ======================================================================================
-def caption_ids(input_ids: Tensor, labels: Tensor, end_id: int, max_len: int) -> tuple[Tensor, Tensor]:
-    """The assistant's text of each row, as the Q-Former's text: (B, T) -> (B, L) ids + mask.
-
-    In a caption record the assistant turn *is* the caption; the processor's labels mark
-    exactly those tokens (everything else is -100). We keep them up to and including the
-    first ``end_id`` (``<|im_end|>``, the end-of-text marker, like BERT's [SEP]) and drop
-    the template's trailing newline. Padded with 0 (masked out); cut to ``max_len``.
-    """
-    rows = []
-    for ids, lab in zip(input_ids, labels):
-        tok = ids[lab != -100]
-        ends = (tok == end_id).nonzero()
-        if len(ends):
-            tok = tok[: int(ends[0]) + 1]
-        rows.append(tok[:max_len])
-    if any(len(r) == 0 for r in rows):
-        raise ValueError("stage-1 objectives need a caption in every sample (an assistant turn); "
-                         "train them on the 'caption' task")
-    L = max(len(r) for r in rows)
-    out = torch.zeros(len(rows), L, dtype=torch.long, device=input_ids.device)
-    mask = torch.zeros_like(out)
-    for i, r in enumerate(rows):
-        out[i, : len(r)] = r
-        mask[i, : len(r)] = 1
-    return out, mask
-
-
 class Blip2VLM(VLM):
     """The prefix VLM with a Q-Former bridge, plus BLIP-2's stage-1 objectives.
 
@@ -516,7 +490,7 @@ class Blip2VLM(VLM):
                              f"for {input_ids.shape[0]} samples")
         end = self.tokenizer.convert_tokens_to_ids("<|im_end|>")
         max_len = self.bridge.qformer.config.max_position_embeddings - 1  # room for the task token
-        ids, mask = caption_ids(input_ids, labels, end, max_len)
+        ids, mask = answer_ids(input_ids, labels, end, max_len)  # the caption: the assistant's turn
         losses = self.bridge.stage1_losses(feats, ids, mask, parts)
         loss = sum(losses.values())
         return VLMOutput(loss=loss, logits=None, losses={k: v.detach() for k, v in losses.items()})
@@ -536,31 +510,12 @@ class InstructBlipVLM(Blip2VLM):
 
     def instructions(self, input_ids: Tensor) -> tuple[Tensor, Tensor] | None:
         """(B, T) prompt ids -> (N_img, L) instruction ids + mask, one row per image."""
-        tok = self.tokenizer
-        start, end = tok.convert_tokens_to_ids("<|im_start|>"), tok.convert_tokens_to_ids("<|im_end|>")
-        header = tok("user\n", add_special_tokens=False)["input_ids"]
-        skip = {self.image_token_id, *(self.image_wrap_ids or [])}
-        T_img = self.bridge.num_query_tokens
         max_len = self.bridge.qformer.config.max_position_embeddings - 1
-        rows = []
-        for ids in input_ids.tolist():
-            slots = [i for i, t in enumerate(ids) if t == self.image_token_id]
-            for first in slots[::T_img]:  # each image's first token
-                a = max((i for i in range(first) if ids[i] == start), default=-1) + 1
-                b = next((i for i in range(first, len(ids)) if ids[i] == end), len(ids))
-                turn = [t for t in ids[a:b] if t not in skip]
-                if turn[: len(header)] == header:
-                    turn = turn[len(header):]
-                rows.append([self.bridge.cls_token_id, *turn][:max_len])
-        if not rows:
+        turns = image_turns(input_ids, self.tokenizer, self.image_token_id, self.bridge.num_query_tokens,
+                            self.image_wrap_ids or ())
+        if not turns:
             return None
-        L = max(len(r) for r in rows)
-        out = torch.zeros(len(rows), L, dtype=torch.long, device=input_ids.device)
-        mask = torch.zeros_like(out)
-        for i, r in enumerate(rows):
-            out[i, : len(r)] = torch.tensor(r)
-            mask[i, : len(r)] = 1
-        return out, mask
+        return pad_rows([[self.bridge.cls_token_id, *t][:max_len] for t in turns], device=input_ids.device)
 
     def embed(self, input_ids: Tensor, pixel_values: Tensor | None = None) -> Tensor:
         # hand the instructions to encode_images for the duration of VLM.embed's merge

@@ -49,7 +49,8 @@ from mmkit.language import IMAGE_TOKEN, to_chat_messages
 
 IGNORE_INDEX = -100
 
-__all__ = ["IGNORE_INDEX", "Processor", "ProcessorError", "Encoded", "collate", "images_of", "inline_images"]
+__all__ = ["IGNORE_INDEX", "Processor", "ProcessorError", "Encoded", "collate", "images_of", "inline_images",
+           "pad_rows", "answer_ids", "image_turns"]
 
 
 class ProcessorError(ValueError):
@@ -329,3 +330,58 @@ def collate(samples: Sequence[Encoded], *, pad_id: int, padding_side: str = "rig
         "pixel_values": pixel_values,
         "ids": [s.id for s in samples],
     }
+
+
+# ------------------------------------------------------------------ spans of a batch
+# The processor lays out every sample; these read its layout back from a batch, for a
+# model that needs one part of the text on its own (BLIP-2's Q-Former reads the caption,
+# InstructBLIP's reads the instruction).
+def pad_rows(rows: Sequence[Sequence[int]], device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token rows of different lengths -> (N, L) ids right-padded with 0 and their (N, L) mask."""
+    L = max((len(r) for r in rows), default=0)
+    ids = torch.zeros(len(rows), L, dtype=torch.long, device=device)
+    mask = torch.zeros_like(ids)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.as_tensor(list(r), dtype=torch.long)
+        mask[i, : len(r)] = 1
+    return ids, mask
+
+
+def answer_ids(input_ids: torch.Tensor, labels: torch.Tensor, end_id: int, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The assistant's text of each row: (B, T) -> (B, L) ids + mask.
+
+    The labels mark exactly the assistant's tokens (everything else is ``IGNORE_INDEX``);
+    each row keeps them up to and including the first ``end_id`` (``<|im_end|>``, the end of
+    the turn) and drops what the template adds after it; cut to ``max_len``.
+    """
+    rows = []
+    for ids, lab in zip(input_ids, labels):
+        tok = ids[lab != IGNORE_INDEX]
+        ends = (tok == end_id).nonzero()
+        if len(ends):
+            tok = tok[: int(ends[0]) + 1]
+        rows.append(tok[:max_len].tolist())
+    if any(len(r) == 0 for r in rows):
+        raise ProcessorError("a sample has no assistant turn: this needs a caption (an assistant answer) "
+                             "in every sample; train it on the 'caption' task")
+    return pad_rows(rows, device=input_ids.device)
+
+
+def image_turns(input_ids: torch.Tensor, tokenizer, image_token_id: int, tokens_per_image: int,
+                skip_ids: Sequence[int] = ()) -> list[list[int]]:
+    """For each image of a ChatML batch, in order, the ids of the turn that holds it: the
+    text between its ``<|im_start|>`` role header and ``<|im_end|>``, without the image's
+    tokens (and ``skip_ids``, e.g. ``<img>`` wrappers)."""
+    start = tokenizer.convert_tokens_to_ids("<|im_start|>")
+    end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    header = tokenizer("user\n", add_special_tokens=False)["input_ids"]
+    skip = {image_token_id, *skip_ids}
+    out = []
+    for ids in input_ids.tolist():
+        slots = [i for i, t in enumerate(ids) if t == image_token_id]
+        for first in slots[::tokens_per_image]:  # each image's first token
+            a = max((i for i in range(first) if ids[i] == start), default=-1) + 1
+            b = next((i for i in range(first, len(ids)) if ids[i] == end), len(ids))
+            turn = [t for t in ids[a:b] if t not in skip]
+            out.append(turn[len(header):] if turn[: len(header)] == header else turn)
+    return out
