@@ -1,4 +1,8 @@
-"""``mmkit bench memory``: what fine-tuning a real-size VLM costs, per method and length.
+"""``mmkit bench memory`` and ``mmkit bench speed``: what training costs.
+
+``speed`` (at the end of this file) times each from-scratch bridge against its
+transformers class, and the llava-tiny training step. ``memory``: what fine-tuning a
+real-size VLM costs, per method and length.
 
 Qwen-VL's fine-tuning guide reports, for one A100-80G (batch 1, gradient accumulation
 8, one image), GPU memory and seconds per iteration at sequence lengths 384 to 2048 for
@@ -35,7 +39,8 @@ from typing import Any, Sequence
 
 import torch
 
-__all__ = ["METHODS", "SIZES", "bench_parts", "measure", "memory_table", "format_table"]
+__all__ = ["METHODS", "SIZES", "bench_parts", "measure", "memory_table", "format_table", "SPEED_SIZES",
+           "bridge_speed", "train_step_speed", "format_speed"]
 
 METHODS = ("full", "lora", "qlora")
 LORA = {"r": 16, "alpha": 32, "dropout": 0.05}
@@ -241,6 +246,178 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
                 cells.append(f"{r['peak_gb']:.2f} GB / {r['s_per_iter']:.2f} s")
                 trainable = f"{r['trainable_params'] / 1e6:.1f}M"
         lines.append(f"| {m} | {trainable} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+
+# ------------------------------------------------------------------------- speed
+# ``mmkit bench speed``: is each from-scratch bridge as fast as transformers' own class?
+# Each pair is built from one config, the weights copied across (``mmkit.convert.from_hf``),
+# so both compute the same numbers; the bench times forward + backward of each on the same
+# inputs, alternating, and reports the median. Then the llava-tiny training step, end to end.
+SPEED_SIZES = {  # name -> per-pair sizes. "real": the papers' sizes; "tiny": seconds, for tests
+    "real": dict(batch=8, qformer=dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                                        intermediate_size=3072, encoder_hidden_size=1408, queries=32, patches=257),
+                 perceiver=dict(dim=1024, depth=6, heads=16, head_dim=64, latents=64, patches=257),
+                 xattn=dict(hidden_size=960, heads=15, intermediate_size=2560, media_dim=768, tokens=256, latents=64),
+                 projector=dict(vision=1024, lm=4096, patches=576),
+                 connector=dict(vision=768, lm=960, scale=4, side=32)),
+    "tiny": dict(batch=2, qformer=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                        intermediate_size=64, encoder_hidden_size=24, queries=4, patches=9),
+                 perceiver=dict(dim=32, depth=1, heads=2, head_dim=16, latents=4, patches=9),
+                 xattn=dict(hidden_size=32, heads=2, intermediate_size=64, media_dim=24, tokens=6, latents=4),
+                 projector=dict(vision=24, lm=32, patches=9),
+                 connector=dict(vision=24, lm=32, scale=2, side=4)),
+}
+
+
+def _speed_pairs(size: str):
+    """(name, reference class, ours, run_ref(), run_ours()) at one size, weights shared."""
+    from transformers import Blip2QFormerConfig, Blip2QFormerModel, IdeficsConfig, LlavaConfig
+    from transformers.models.idefics.modeling_idefics import IdeficsGatedCrossAttentionLayer
+    from transformers.models.idefics.perceiver import IdeficsPerceiverResampler
+    from transformers.models.idefics3.configuration_idefics3 import Idefics3Config
+    from transformers.models.idefics3.modeling_idefics3 import Idefics3Connector
+    from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
+
+    from mmkit.bridges.flamingo import media_mask
+    from mmkit.convert import from_hf
+
+    z, B = SPEED_SIZES[size], SPEED_SIZES[size]["batch"]
+    torch.manual_seed(0)
+    # BLIP-2's Q-Former: the queries read the ViT's patches (query-only, as in generation)
+    c = dict(z["qformer"])
+    Q, P = c.pop("queries"), c.pop("patches")
+    hf = Blip2QFormerModel(Blip2QFormerConfig(**c)).train()
+    ours = from_hf(hf).train()
+    q, img = torch.randn(B, Q, c["hidden_size"]), torch.randn(B, P, c["encoder_hidden_size"])
+    yield ("Q-Former", "Blip2QFormerModel", hf, ours,
+           lambda: hf(query_embeds=q, encoder_hidden_states=img).last_hidden_state, lambda: ours(q, None, None, img))
+    # Flamingo's Perceiver Resampler
+    c = z["perceiver"]
+    icfg = IdeficsConfig(hidden_size=c["dim"], num_attention_heads=c["heads"], vision_config={"embed_dim": c["dim"]},
+                         perceiver_config={"use_resampler": True, "resampler_n_latents": c["latents"],
+                                           "resampler_depth": c["depth"], "resampler_n_heads": c["heads"],
+                                           "resampler_head_dim": c["head_dim"]})
+    hf_r = IdeficsPerceiverResampler(icfg, c["dim"], c["depth"], c["heads"], c["head_dim"], c["latents"]).train()
+    ours_r = from_hf(hf_r).train()
+    feats = torch.randn(B, c["patches"], c["dim"])
+    yield ("Perceiver Resampler", "IdeficsPerceiverResampler", hf_r, ours_r, lambda: hf_r(feats), lambda: ours_r(feats))
+    # Flamingo's GATED XATTN-DENSE, gates open, every text token after the one image
+    c = z["xattn"]
+    icfg = IdeficsConfig(hidden_size=c["hidden_size"], intermediate_size=c["intermediate_size"],
+                         num_attention_heads=c["heads"], alpha_type="float", alpha_initializer="ones",
+                         qk_layer_norms=False, vision_config={"embed_dim": c["media_dim"]})
+    icfg._attn_implementation = "sdpa"
+    hf_x = IdeficsGatedCrossAttentionLayer(icfg, layer_idx=0).train()
+    ours_x = from_hf(hf_x).train()
+    y, media = torch.randn(B, c["tokens"], c["hidden_size"]), torch.randn(B, c["latents"], c["media_dim"])
+    ids = torch.ones(B, c["tokens"], dtype=torch.long)
+    ids[:, 0] = 9  # the image marker first: every token sees the image
+    mm = media_mask(ids, 9).repeat_interleave(c["latents"], dim=-1)  # (B, T, L)
+    additive = torch.zeros(B, 1, c["tokens"], c["latents"]).masked_fill(~mm[:, None], torch.finfo(torch.float32).min)
+    gate = mm.any(-1).float()
+    def run_hf_x():
+        out = hf_x(y, None, image_hidden_states=media, image_attention_mask=additive, cross_attention_gate=gate)
+        return out[0] if isinstance(out, tuple) else out
+
+    yield ("GATED XATTN-DENSE", "IdeficsGatedCrossAttentionLayer", hf_x, ours_x, run_hf_x,
+           lambda: ours_x(y, media, mm))
+    # LLaVA-1.5's MLP projector
+    c = z["projector"]
+    from transformers import CLIPVisionConfig, LlamaConfig
+
+    lcfg = LlavaConfig(vision_config=CLIPVisionConfig(hidden_size=c["vision"]),
+                       text_config=LlamaConfig(hidden_size=c["lm"]), projector_hidden_act="gelu")
+    hf_p = LlavaMultiModalProjector(lcfg).train()
+    ours_p = from_hf(hf_p).train()
+    pf = torch.randn(B, c["patches"], c["vision"])
+    yield ("MLP projector", "LlavaMultiModalProjector", hf_p, ours_p, lambda: hf_p(pf), lambda: ours_p(pf))
+    # Idefics3's pixel-shuffle connector
+    c = z["connector"]
+    ccfg = Idefics3Config(vision_config={"hidden_size": c["vision"]},
+                          text_config={"model_type": "llama", "hidden_size": c["lm"]}, scale_factor=c["scale"])
+    hf_c = Idefics3Connector(ccfg).train()
+    ours_c = from_hf(hf_c).train()
+    cf = torch.randn(B, c["side"] ** 2, c["vision"])
+    yield ("pixel shuffle", "Idefics3Connector", hf_c, ours_c, lambda: hf_c(cf), lambda: ours_c(cf, (c["side"], c["side"])))
+
+
+def _fwd_bwd(module: torch.nn.Module, run) -> float:
+    """Seconds of one forward + backward (the loss: mean square of the output)."""
+    module.zero_grad(set_to_none=True)
+    t0 = time.perf_counter()
+    out = run()
+    out.float().pow(2).mean().backward()
+    return time.perf_counter() - t0
+
+
+def bridge_speed(size: str = "real", repeats: int = 5) -> list[dict[str, Any]]:
+    """Each bridge against its transformers class: median fwd+bwd seconds, and the speed-up
+    (reference time / ours; >= 1 means ours is at least as fast). Dropout off, same inputs."""
+    import statistics
+
+    rows = []
+    for name, ref_name, hf, ours, run_ref, run_ours in _speed_pairs(size):
+        for m in (hf, ours):  # the same arithmetic: no dropout in either
+            for sub in m.modules():
+                if isinstance(sub, torch.nn.Dropout):
+                    sub.p = 0.0
+        _fwd_bwd(hf, run_ref), _fwd_bwd(ours, run_ours)  # warm-up
+        t_ref, t_ours = [], []
+        for _ in range(repeats):  # alternate, so a slow moment of the machine hits both
+            t_ref.append(_fwd_bwd(hf, run_ref))
+            t_ours.append(_fwd_bwd(ours, run_ours))
+        r, o = statistics.median(t_ref), statistics.median(t_ours)
+        rows.append({"bridge": name, "reference": ref_name, "ref_s": round(r, 4), "ours_s": round(o, 4),
+                     "speedup": round(r / o, 3)})
+    return rows
+
+
+class _StepClock:
+    """Trainer callback: the wall time at the end of each optimizer step."""
+
+    def __init__(self):
+        self.times: list[float] = []
+
+    def on_stage_start(self, trainer, stage) -> None:
+        self.times.append(time.perf_counter())
+
+    def on_step_end(self, trainer, logs) -> None:
+        self.times.append(time.perf_counter())
+
+    def on_stage_end(self, trainer, stage) -> None: ...
+
+
+def train_step_speed(recipe: str = "llava-tiny", steps: int = 20, stage: int = -1) -> dict[str, Any]:
+    """Samples per second of one stage of a recipe's training (data rendered on the fly,
+    forward, backward, AdamW): that stage alone for ``steps`` + 2 steps, the first two not
+    timed; median seconds per step."""
+    import copy
+    import statistics
+
+    from mmkit.recipes import get_recipe
+    from mmkit.train import Trainer
+    from mmkit.vlm import build_model
+
+    r = copy.deepcopy(get_recipe(recipe))
+    st = r.stages[stage]
+    st.steps, st.warmup_steps = steps + 2, 1
+    r.stages, r.save_every = [st], 0
+    clock = _StepClock()
+    with tempfile.TemporaryDirectory() as out:
+        Trainer(build_model(r), r, out, callbacks=[clock], progress=False).train(resume=False)
+    per_step = statistics.median(b - a for a, b in zip(clock.times[2:], clock.times[3:]))
+    samples = st.batch_size * st.grad_accum
+    return {"recipe": recipe, "stage": st.name, "batch": samples, "s_per_step": round(per_step, 4),
+            "samples_per_s": round(samples / per_step, 1), "threads": torch.get_num_threads()}
+
+
+def format_speed(rows: Sequence[dict[str, Any]]) -> str:
+    """Markdown: one row per bridge."""
+    lines = ["| bridge | transformers class | theirs fwd+bwd | ours fwd+bwd | speed-up |", "|---|---|---:|---:|---:|"]
+    lines += [f"| {r['bridge']} | `{r['reference']}` | {r['ref_s'] * 1000:.1f} ms | {r['ours_s'] * 1000:.1f} ms | "
+              f"{r['speedup']:.2f}x |" for r in rows]
     return "\n".join(lines)
 
 

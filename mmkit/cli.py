@@ -8,6 +8,7 @@
     mmkit zoo models [--only NAME]   train the family models the demo ships (assets/tiny/models)
     mmkit bench shapes               ShapesWorld samples per second
     mmkit bench memory [--target]    peak memory and s/iter: full / LoRA / QLoRA x sequence length
+    mmkit bench speed                each bridge vs its transformers class (fwd+bwd), llava-tiny samples/s
     mmkit export --merge --checkpoint DIR --out OUT   LoRA folded into a plain LM
     mmkit recipes                    list the recipes
     mmkit env                        what torch sees (CUDA, bf16, bitsandbytes)
@@ -122,6 +123,12 @@ def cmd_zoo(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------- bench
+def torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     if args.what == "shapes":
         from mmkit.data.shapes import benchmark
@@ -145,7 +152,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
               f"({ok.get('memory', '')}):\n")
         print(format_table(rows))
         _print_json_last({"rows": rows})
-    return 0
+    elif args.what == "speed":
+        from mmkit.bench import bridge_speed, format_speed, train_step_speed
+
+        rows = bridge_speed(args.model_size, repeats=args.steps)
+        print(f"\nforward + backward, {args.model_size} size, {torch_threads()} threads (median of {args.steps}):\n")
+        print(format_speed(rows))
+        step = train_step_speed("llava-tiny", steps=args.train_steps)
+        print(f"\nllava-tiny stage {step['stage']!r}: {step['samples_per_s']} samples/s "
+              f"({step['s_per_step']} s per step of {step['batch']})")
+        _print_json_last({"bridges": rows, "train_step": step})
 
 
 # -------------------------------------------------------------------------- export
@@ -255,8 +271,9 @@ def build_parser() -> argparse.ArgumentParser:
     z.set_defaults(fn=cmd_zoo)
 
     b = sub.add_parser("bench", help="speed benchmarks that print their figures")
-    b.add_argument("what", choices=["shapes", "memory"])
+    b.add_argument("what", choices=["shapes", "memory", "speed"])
     b.add_argument("--n", type=int, default=2000, help="shapes: samples")
+    b.add_argument("--train-steps", type=int, default=20, help="speed: timed llava-tiny training steps")
     b.add_argument("--size", type=int, default=64, help="shapes: image size")
     b.add_argument("--task", default="vqa", help="shapes: task")
     b.add_argument("--model-size", default="real", choices=["real", "tiny"],
@@ -265,7 +282,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--seq", default="384,512,1024,2048", help="memory: sequence lengths, comma-separated")
     b.add_argument("--batch", type=int, default=1)
     b.add_argument("--grad-accum", type=int, default=8)
-    b.add_argument("--steps", type=int, default=3, help="memory: optimizer steps (the first is not timed)")
+    b.add_argument("--steps", type=int, default=3,
+                   help="memory: optimizer steps (the first is not timed); speed: timed repeats per bridge")
     b.add_argument("--target", action="store_true",
                    help="memory: only the QLoRA row (512 tokens, batch 4, gradient checkpointing)")
     b.set_defaults(fn=cmd_bench)

@@ -70,3 +70,17 @@ def test_errors_are_one_clear_line(tmp_path, capsys):
     assert main(["train", "--recipe", "no-such-recipe"]) == 2
     assert "known recipes" in capsys.readouterr().err
     assert main(["train", "--recipe", "llava-tiny", "--set", "stages.0.nope=1"]) == 2
+
+
+def test_bench_speed_times_each_bridge_against_its_reference():
+    """The speed bench builds each pair from one config with shared weights (so both compute the
+    same thing) and times both; the tiny size runs in seconds."""
+    from mmkit.bench import bridge_speed, format_speed
+
+    rows = bridge_speed("tiny", repeats=1)
+    assert [r["reference"] for r in rows] == ["Blip2QFormerModel", "IdeficsPerceiverResampler",
+                                              "IdeficsGatedCrossAttentionLayer", "LlavaMultiModalProjector",
+                                              "Idefics3Connector"]
+    for r in rows:
+        assert r["ref_s"] > 0 and r["ours_s"] > 0 and r["speedup"] > 0
+    assert format_speed(rows).count("\n") == len(rows) + 1
