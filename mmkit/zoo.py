@@ -60,9 +60,10 @@ REPORT = "tiny/report.json"
 # overrides, e.g. a wider LM), "clip_lr", "stem" ("conv"), "cap_weight" / "cap_parallel"
 # (a CapPa-style captioning loss next to CLIP's), "region_layer" (which hidden state the
 # alignment trains; default -2, the one bridges read), "answer_weight" (answer tokens weigh
-# that much more in the LM's loss). docs/experiments.md measures each.
+# that much more in the LM's loss), "lm_buckets" (the LM's batches run in length buckets: the
+# same gradients, about half the compute). docs/experiments.md measures each.
 OPTIONAL_SETTINGS = {"reading", "lm_config", "clip_lr", "stem", "cap_weight", "cap_parallel", "region_layer",
-                     "answer_weight"}
+                     "answer_weight", "lm_buckets"}
 SETTINGS: dict[str, dict[str, Any]] = {
     "full": dict(corpus=20_000, vocab=2048, clip_images=16_000, clip_steps=1000, clip_batch=96, hard_negatives=True,
                  region_weight=1.0, lm_steps=600, lm_batch=32, probe_train=1500, probe_test=500, blind_n=300, ppl_n=500),

@@ -36,13 +36,33 @@ def test_llava_next_matches_transformers(w, h):
     assert T.llava_next_tokens(w, h) == want
 
 
-@pytest.mark.parametrize("w, h", SIZES)
-def test_fuyu_matches_transformers(w, h):
+@functools.lru_cache(maxsize=1)
+def _fuyu_processor():
+    """transformers' FuyuProcessor, with a word-level tokenizer that knows Fuyu's two image tokens."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
     from transformers.models.fuyu.image_processing_fuyu import FuyuImageProcessor
     from transformers.models.fuyu.processing_fuyu import FuyuProcessor
 
-    proc = SimpleNamespace(image_processor=FuyuImageProcessor())
-    want = FuyuProcessor._get_num_multimodal_tokens(proc, image_sizes=[(h, w)])["num_image_tokens"][0]
+    vocab = {"<unk>": 0, "<s>": 1, "|ENDOFTEXT|": 2, "|SPEAKER|": 3, "|NEWLINE|": 4}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>",
+                                  eos_token="|ENDOFTEXT|", pad_token="|ENDOFTEXT|")
+    tok.add_special_tokens({"additional_special_tokens": ["|SPEAKER|", "|NEWLINE|"]})
+    return FuyuProcessor(image_processor=FuyuImageProcessor(), tokenizer=tok)
+
+
+@pytest.mark.parametrize("w, h", SIZES)
+def test_fuyu_matches_transformers(w, h):
+    from PIL import Image
+
+    # The text transformers puts in place of the image: a row of patch tokens and a newline
+    # token per row of patches. (Its _get_num_multimodal_tokens counted those newlines up to
+    # 5.24 and leaves them out from 5.25; the sequence the LM reads has them either way.)
+    proc = _fuyu_processor()
+    _, (text,) = proc._process_images([Image.new("RGB", (w, h))])
+    want = text.count(proc.image_token) + text.count(proc.image_newline_token)
     assert T.fuyu_tokens(w, h) == want
 
 

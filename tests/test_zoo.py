@@ -300,3 +300,49 @@ def test_build_settings_override_and_reading_curve(tmp_path):
     assert [c["step"] for c in rep["lm"]["lm_curve"]] == [2, 4]
     assert rep["lm"]["steps"] == 4 and rep["lm"]["settings"]["answer_weight"] == 3.0
     assert all(0.0 <= c["reading_vqa"] <= 1.0 for c in rep["lm"]["lm_curve"])
+
+
+def test_length_buckets_cover_every_row_once_and_cut_padding():
+    from mmkit.pretrain.common import length_buckets
+
+    lengths = [5, 100, 7, 98, 6, 5, 101, 50]
+    groups = length_buckets(lengths, overhead=10.0)
+    assert sorted(r for g in groups for r in g) == list(range(len(lengths)))
+    cost = sum(len(g) * max(lengths[r] for r in g) for g in groups)
+    assert cost < len(lengths) * max(lengths) / 2  # the short rows no longer pay for the long ones
+    assert length_buckets([9, 9, 9]) == [[0, 1, 2]]  # equal lengths share one group
+
+
+def test_lm_backward_in_buckets_gives_the_padded_batchs_loss_and_gradients():
+    from transformers import LlamaForCausalLM
+
+    from mmkit.language import load_language_model, special_token_ids, tiny_lm_config
+    from mmkit.pretrain.common import tokenize
+    from mmkit.pretrain.lm import answer_mask, lm_backward
+
+    _, tok = load_language_model("tiny")
+    torch.manual_seed(0)
+    lm = LlamaForCausalLM(tiny_lm_config(len(tok), hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64,
+                                         **special_token_ids(tok)))
+    docs = reading_corpus(ShapesWorld(seed=0), "train", 6) + ["a red star.", "<|im_start|>user\nhi<|im_end|>\n"]
+    ids, mask = tokenize(tok, docs, 160)
+    answers = answer_mask(ids, tok)
+
+    def grads(**kw):
+        lm.zero_grad()
+        loss = lm_backward(lm, ids, mask, **kw)
+        return loss, [p.grad.clone() for p in lm.parameters()]
+
+    # one padded batch, weight 1: exactly transformers' own mean next-token loss
+    ref = float(lm(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)).loss)
+    loss, g_full = grads(buckets=False)
+    assert loss == pytest.approx(ref, rel=1e-5)
+    loss_b, g_b = grads(buckets=True)
+    assert loss_b == pytest.approx(ref, rel=1e-5)
+    assert all(torch.allclose(a, b, atol=1e-6, rtol=1e-4) for a, b in zip(g_full, g_b))
+    # answer weighting: buckets change nothing either, and the weight does change the loss
+    lw, gw = grads(answers=answers, weight=5.0, buckets=False)
+    lwb, gwb = grads(answers=answers, weight=5.0, buckets=True)
+    assert lwb == pytest.approx(lw, rel=1e-5)
+    assert all(torch.allclose(a, b, atol=1e-6, rtol=1e-4) for a, b in zip(gw, gwb))
+    assert not all(torch.allclose(a, b, atol=1e-6, rtol=1e-4) for a, b in zip(gw, g_full))

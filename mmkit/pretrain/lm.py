@@ -20,11 +20,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mmkit.pretrain.common import optimizer_step, progress_bar, tokenize
+from mmkit.pretrain.common import apply_step, length_buckets, optimizer_step, progress_bar, tokenize
 from mmkit.train import warmup_cosine
 
 __all__ = ["LM_CHAT_TASKS", "READING_TASKS", "lm_corpus", "reading_corpus", "build_tokenizer", "answer_mask",
-           "train_lm"]
+           "lm_backward", "train_lm"]
 
 
 # ------------------------------------------------------------------------- the text
@@ -120,13 +120,46 @@ def answer_mask(ids: Tensor, tokenizer) -> Tensor:
     return out
 
 
+def lm_backward(lm, ids: Tensor, mask: Tensor, answers: Tensor | None = None, weight: float = 1.0,
+                buckets: bool = True) -> float:
+    """Backward of a causal LM's next-token loss over a right-padded batch (B, T); returns the loss.
+
+    The loss is a weighted mean over the predicted tokens: a token of an assistant answer
+    (``answers``, from :func:`answer_mask`) weighs ``weight``, any other real token 1. With
+    ``buckets`` the batch runs in length groups (:func:`~mmkit.pretrain.common.length_buckets`),
+    each padded only to its own longest row; every group's share is divided by the whole
+    batch's total weight, so the gradients add up to those of the one padded batch.
+    """
+    lengths = mask.sum(1)
+    labels = ids.masked_fill(mask == 0, -100)
+    w = (labels[:, 1:] != -100).float()  # (B, T-1): which next tokens are predicted
+    if answers is not None:
+        w = w * (1.0 + (weight - 1.0) * answers[:, 1:].float())
+    total_w = w.sum().clamp(min=1.0)
+    groups = length_buckets(lengths.tolist()) if buckets else [list(range(len(ids)))]
+    total = 0.0
+    for group in groups:
+        rows = torch.tensor(group)
+        T = int(lengths[rows].max())
+        if T < 2:
+            continue
+        logits = lm(input_ids=ids[rows, :T], attention_mask=mask[rows, :T]).logits[:, :-1].float()
+        ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[rows, 1:T].reshape(-1),
+                             ignore_index=-100, reduction="none").view(len(group), T - 1)
+        loss = (ce * w[rows, :T - 1]).sum() / total_w
+        loss.backward()
+        total += float(loss.detach())
+    return total
+
+
 def train_lm(world, tokenizer, s: dict, progress: bool = True, on_step=None) -> tuple[nn.Module, dict]:
     """Causal-LM pre-training of the tiny Llama on ShapesWorld text.
 
     ``s`` (a ``zoo.SETTINGS`` entry): ``corpus`` documents of ``lm_corpus`` plus ``reading``
     documents of ``reading_corpus``, ``lm_steps`` x ``lm_batch``; ``answer_weight`` > 1 weighs
     the tokens of assistant answers that much more than the rest of the text (default 1: one
-    mean over every token). ``on_step(step, lm)`` is called after each step (a learning curve).
+    mean over every token); ``lm_buckets`` runs each batch in length buckets (:func:`lm_backward`:
+    the same gradients, about half the compute). ``on_step(step, lm)`` is called after each step (a learning curve).
     """
     from transformers import LlamaForCausalLM
 
@@ -141,6 +174,7 @@ def train_lm(world, tokenizer, s: dict, progress: bool = True, on_step=None) -> 
     ids, mask = tokenize(tokenizer, texts, 160)
     weight = float(s.get("answer_weight", 1.0))
     answers = answer_mask(ids, tokenizer) if weight != 1.0 else None
+    buckets, params = bool(s.get("lm_buckets", False)), list(lm.parameters())
     opt = torch.optim.AdamW(lm.parameters(), lr=3e-3, weight_decay=0.01, betas=(0.9, 0.98))
     g = torch.Generator().manual_seed(1)
     t0, measured = time.perf_counter(), 0.0
@@ -153,16 +187,12 @@ def train_lm(world, tokenizer, s: dict, progress: bool = True, on_step=None) -> 
         T = int(m.sum(1).max())
         x, m = ids[idx, :T], m[:, :T]
         labels = x.masked_fill(m == 0, -100)
-        if weight == 1.0:
-            loss = lm(input_ids=x, attention_mask=m, labels=labels).loss
-        else:  # a weighted mean: answer tokens count `weight` times
-            logits = lm(input_ids=x, attention_mask=m).logits[:, :-1].float()
-            target, keep = labels[:, 1:], (labels[:, 1:] != -100).float()
-            w = keep * (1.0 + (weight - 1.0) * answers[idx, 1:T].float())
-            ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100,
-                                 reduction="none").view_as(w)
-            loss = (ce * w).sum() / w.sum()
-        optimizer_step(loss, opt, sched, list(lm.parameters()), bar)
+        if weight == 1.0 and not buckets:  # the shipped LM's step: one padded batch, one mean
+            optimizer_step(lm(input_ids=x, attention_mask=m, labels=labels).loss, opt, sched, params, bar)
+        else:
+            opt.zero_grad(set_to_none=True)
+            loss = lm_backward(lm, x, m, answers[idx, :T] if answers is not None else None, weight, buckets)
+            apply_step(loss, opt, sched, params, bar)
         if on_step is not None:
             t_cb = time.perf_counter()
             on_step(step + 1, lm)
