@@ -10,6 +10,7 @@ so a model file can name a callback without pulling the training loop in.
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -76,17 +77,62 @@ class GateLogger(Callback):
 class AccuracyTracker(Callback):
     """Trainer callback: ``mmkit.eval.evaluate(model, task, n=n)`` at the given global steps.
 
-    ``history`` = {global_step: metric}; steps are counted across stages.
+    ``history`` = {global_step: metric}; steps are counted across stages. ``records`` holds
+    one dict per measurement, ``{"step", "train_seconds", metric, "per_type"}``, where
+    ``train_seconds`` is the training time so far without the time spent evaluating: the
+    x-axis of a learning curve in minutes (``mmkit.viz.plot_learning_curves``). With a
+    ``filename`` each record is also appended to ``OUT/filename`` (JSON lines); a resumed run
+    keeps the records before its first step and goes on counting from there.
     """
 
-    def __init__(self, at: Sequence[int], task: str = "vqa", n: int = 100, metric: str = "accuracy"):
+    def __init__(self, at: Sequence[int], task: str = "vqa", n: int = 100, metric: str = "accuracy",
+                 filename: str | None = None):
         self.at, self.task, self.n, self.metric = set(int(a) for a in at), task, n, metric
+        self.filename = filename
         self.history: dict[int, float] = {}
+        self.records: list[dict[str, Any]] = []
+        self.train_seconds = 0.0
+        self._since: float | None = None
+        self._started = False
+
+    def _path(self, trainer) -> Path | None:
+        return Path(trainer.out_dir) / self.filename if self.filename else None
+
+    def _start(self, trainer, step: int) -> None:
+        """First step of this run: keep what an earlier run measured before ``step``."""
+        self._started = True
+        path = self._path(trainer)
+        if path is None or not trainer.is_main:
+            return
+        kept = []
+        if path.exists():
+            kept = [r for r in map(json.loads, path.read_text().splitlines()) if r["step"] < step]
+        path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        self.records = kept
+        self.history.update({r["step"]: r[self.metric] for r in kept})
+        self.train_seconds = kept[-1]["train_seconds"] if kept else 0.0
+
+    def on_stage_start(self, trainer, stage) -> None:
+        self._since = time.perf_counter()
 
     def on_step_end(self, trainer, logs: dict[str, Any]) -> None:
+        now = time.perf_counter()
         step = int(logs["global_step"])
+        if not self._started:
+            self._start(trainer, step)
+        if self._since is not None:
+            self.train_seconds += now - self._since
         if step in self.at:
             from mmkit.eval import evaluate
 
             model = trainer.accelerator.unwrap_model(trainer.model)
-            self.history[step] = float(evaluate(model, self.task, n=self.n)[self.metric])
+            res = evaluate(model, self.task, n=self.n)
+            self.history[step] = float(res[self.metric])
+            row = {"step": step, "train_seconds": round(self.train_seconds, 2), self.metric: float(res[self.metric]),
+                   "per_type": {k: float(v) for k, v in (res.get("per_type") or {}).items()}}
+            self.records.append(row)
+            path = self._path(trainer)
+            if path is not None and trainer.is_main:
+                with open(path, "a") as f:
+                    f.write(json.dumps(row) + "\n")
+        self._since = time.perf_counter()

@@ -31,6 +31,9 @@ def _print_json_last(obj: dict) -> None:
 
 
 # --------------------------------------------------------------------------- train
+CURVE = "curve.jsonl"  # mmkit train --curve: one AccuracyTracker record per line
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from mmkit.recipes import apply_overrides, get_recipe
     from mmkit.train import Trainer
@@ -39,10 +42,19 @@ def cmd_train(args: argparse.Namespace) -> int:
     recipe = apply_overrides(get_recipe(args.recipe), args.set)
     out = Path(args.out or f"runs/{recipe.name}")
     model = build_model(recipe)
-    trainer = Trainer(model, recipe, out, progress=not args.quiet)
+    callbacks = []
+    if args.curve:
+        from mmkit.callbacks import AccuracyTracker
+
+        total = recipe.total_steps()
+        at = sorted(set(range(args.curve, total + 1, args.curve)) | {total})
+        callbacks.append(AccuracyTracker(at, task=args.curve_task, n=args.curve_n, filename=CURVE))
+    trainer = Trainer(model, recipe, out, callbacks=callbacks, progress=not args.quiet)
     trainer.train(resume=not args.restart)
     if trainer.is_main:
         print(f"saved {out / 'checkpoint'}")
+        if args.curve:
+            print(f"learning curve: {out / CURVE} (mmkit.viz.plot_learning_curves)")
         print(f"chat with it:  mmkit chat --checkpoint {out} --image PATH \"What colour is the circle?\"")
     return 0
 
@@ -225,6 +237,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe field")
     t.add_argument("--restart", action="store_true", help="ignore a checkpoint in --out and start over")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.add_argument("--curve", type=int, default=0, metavar="N",
+                   help=f"evaluate every N steps (and at the end) into OUT/{CURVE}: accuracy, per type, "
+                        "training minutes")
+    t.add_argument("--curve-n", type=int, default=300, metavar="M", help="test questions per curve point")
+    t.add_argument("--curve-task", default="vqa", help="the task the curve evaluates (vqa, pope, ...)")
     t.set_defaults(fn=cmd_train)
 
     c = sub.add_parser("chat", help="ask a trained model about an image")

@@ -12,9 +12,24 @@ from mmkit.cli import main
 def trained(tiny_assets, tmp_path_factory):
     out = tmp_path_factory.mktemp("cli_run")
     rc = main(["train", "--recipe", "llava-tiny", "--out", str(out), "--quiet",
-               "--set", "stages.*.steps=2", "--set", "stages.*.batch_size=2"])
+               "--set", "stages.*.steps=2", "--set", "stages.*.batch_size=2", "--curve", "3", "--curve-n", "6"])
     assert rc == 0
     return out
+
+
+def test_train_curve_writes_a_learning_curve_the_plot_reads(trained):
+    from mmkit.viz import plot_learning_curves
+
+    rows = [json.loads(l) for l in (trained / "curve.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [3, 4]  # every 3 steps, and the last step
+    assert rows[0]["train_seconds"] < rows[1]["train_seconds"] and set(rows[0]) >= {"accuracy", "per_type"}
+    fig = plot_learning_curves({"student": rows, "reference": rows[:1]}, baseline=0.35)
+    types = sorted(rows[0]["per_type"])
+    assert [ax.get_title() for ax in fig.axes[:1 + len(types)]] == ["accuracy"] + types
+    overall = fig.axes[0]
+    assert len(overall.lines) == 3 and list(overall.lines[0].get_ydata()) == [r["accuracy"] for r in rows]
+    with pytest.raises(ValueError, match="--curve"):
+        plot_learning_curves({"empty": []})
 
 
 def test_chat_prints_an_answer(trained, tmp_path, capsys):

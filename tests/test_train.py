@@ -5,7 +5,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -85,6 +84,23 @@ def test_resume_gives_the_same_weights(tiny_assets, tmp_path):
     # the metrics log has each step once, in order
     steps = [json.loads(l)["global_step"] for l in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 8))
+
+
+def test_learning_curve_records_survive_a_resume(tiny_assets, tmp_path):
+    from mmkit.callbacks import AccuracyTracker
+
+    recipe = small_recipe(save_every=2)
+    first = AccuracyTracker([2, 4, 7], n=4, filename="curve.jsonl")
+    with pytest.raises(StopTraining):  # stops at global step 6; the checkpoint is at step 5
+        Trainer(build_model(recipe), recipe, tmp_path, progress=False, callbacks=[first, Interrupt(6)]).train()
+    assert [r["step"] for r in first.records] == [2, 4]
+    again = AccuracyTracker([2, 4, 7], n=4, filename="curve.jsonl")
+    Trainer(build_model(recipe), recipe, tmp_path, progress=False, callbacks=[again]).train()
+    rows = [json.loads(l) for l in (tmp_path / "curve.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [2, 4, 7] == sorted(again.history)
+    seconds = [r["train_seconds"] for r in rows]
+    assert 0 < seconds[0] < seconds[1] < seconds[2]  # training time goes on from where it stopped
+    assert all(0.0 <= r["accuracy"] <= 1.0 and r["per_type"] for r in rows)
 
 
 def test_checkpoint_loads_for_chat(tiny_assets, tmp_path):

@@ -5,7 +5,7 @@ image, gates over training) on top of the same generic pieces: ``plot_matrix`` d
 labelled matrix (a similarity, an attention map, an attention mask), ``plot_curves`` any
 family of lines, ``plot_bars`` any results.
 """
-from mmkit.viz.core import (COLORS, MarkdownTable, md_table, plot_bars, plot_curves, plot_histograms,
+from mmkit.viz.core import (COLORS, MarkdownTable, md_table, plot_bars, plot_curves, plot_histograms, plot_learning_curves,
                             plot_label_mask, plot_matrix, plot_qformer_masks, plot_similarity, plot_training, show_patch_grid,
                             show_samples)
 from mmkit.viz.boxes import draw_boxes
@@ -14,7 +14,7 @@ from mmkit.viz.tokens import image_tokens, plot_token_budgets, token_table
 
 __all__ = [
     "show_samples", "show_patch_grid", "plot_matrix", "plot_similarity", "plot_label_mask", "plot_qformer_masks",
-    "plot_training", "plot_bars", "plot_curves", "plot_histograms", "md_table", "MarkdownTable", "COLORS",
+    "plot_training", "plot_bars", "plot_curves", "plot_learning_curves", "plot_histograms", "md_table", "MarkdownTable", "COLORS",
     "draw_boxes", "heatmap_array", "heatmap_image", "show_heatmaps", "show_images",
     "image_tokens", "token_table", "plot_token_budgets",
 ]

@@ -12,6 +12,7 @@ for pyplot, so a notebook shows it exactly once: as the value of the cell).
     plot_training(metrics)                loss curve per stage from metrics.jsonl or Trainer.history
     plot_bars(values)                     results: {name: value} or {series: {name: value}}
     plot_curves(series)                   lines: {name: {x: y}} (probe accuracy per layer, gates, ...)
+    plot_learning_curves(runs)            accuracy vs training minutes, overall + per question type
     md_table(rows)                        a list of dicts as a Markdown table (renders in Jupyter)
 """
 from __future__ import annotations
@@ -26,7 +27,7 @@ import numpy as np
 
 __all__ = [
     "show_samples", "show_patch_grid", "plot_matrix", "plot_similarity", "plot_label_mask",
-    "plot_training", "plot_bars", "plot_curves", "md_table", "MarkdownTable", "COLORS",
+    "plot_training", "plot_bars", "plot_curves", "plot_learning_curves", "md_table", "MarkdownTable", "COLORS",
 ]
 
 #: The palette every figure uses, so "trained" is the same green in every notebook.
@@ -650,6 +651,58 @@ def plot_curves(
     ax.legend(fontsize=8, frameon=False)
     if title:
         ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    return _finish(fig)
+
+
+def plot_learning_curves(
+    runs: Mapping[str, Sequence[Mapping[str, Any]]],
+    *,
+    metric: str = "accuracy",
+    baseline: float | None = None,
+    baseline_label: str = "blind",
+    title: str = "",
+    figsize: tuple[float, float] | None = None,
+):
+    """Accuracy against training minutes, overall and per question type, several runs on one figure.
+
+    ``runs``: ``{label: records}``, the records an ``AccuracyTracker`` writes (``curve.jsonl``
+    of ``mmkit train --curve``): each ``{"train_seconds", metric, "per_type": {type: acc}}``.
+    One panel for the overall ``metric``, then one per question type; a run keeps its colour in
+    every panel, so a student's 5-minute run and a reference's hour read side by side.
+    ``baseline``: a dashed line in the overall panel (e.g. the blind LM's accuracy).
+    """
+    if not runs or not any(runs.values()):
+        raise ValueError("plot_learning_curves: no records (train with `mmkit train --curve N`)")
+    types = sorted({t for recs in runs.values() for r in recs for t in r.get("per_type", {})})
+    panels = ["all"] + types
+    cols = min(3, len(panels))
+    rows = -(-len(panels) // cols)
+    plt = _plt()
+    fig, axes = plt.subplots(rows, cols, figsize=figsize or (3.2 * cols, 2.5 * rows), sharey=True, squeeze=False)
+    for k, panel in enumerate(panels):
+        ax = axes[k // cols][k % cols]
+        for j, (label, recs) in enumerate(runs.items()):
+            pts = [(r["train_seconds"] / 60.0, r[metric] if panel == "all" else r.get("per_type", {}).get(panel))
+                   for r in recs]
+            pts = [(x, y) for x, y in pts if y is not None]
+            if pts:
+                ax.plot([x for x, _ in pts], [y for _, y in pts], "-o", ms=3, color=_SERIES[j % len(_SERIES)],
+                        label=label)
+        if panel == "all" and baseline is not None:
+            ax.axhline(float(baseline), color="#555555", ls="--", lw=1, label=baseline_label)
+        ax.set_title(metric if panel == "all" else panel, fontsize=9)
+        ax.set_ylim(0, 1.02)
+        ax.grid(alpha=0.3)
+        if k % cols == 0:
+            ax.set_ylabel(metric)
+        if k // cols == rows - 1:
+            ax.set_xlabel("training minutes")
+    for k in range(len(panels), rows * cols):
+        axes[k // cols][k % cols].axis("off")
+    axes[0][0].legend(fontsize=7, frameon=False)
+    if title:
+        fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     return _finish(fig)
 
