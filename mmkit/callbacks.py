@@ -14,7 +14,9 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-__all__ = ["Callback", "StopTraining", "GateLogger", "AccuracyTracker"]
+__all__ = ["Callback", "StopTraining", "GateLogger", "AccuracyTracker", "CURVE"]
+
+CURVE = "curve.jsonl"  # where `mmkit train --curve` and `mmkit zoo models --curve` keep an AccuracyTracker's records
 
 
 class Callback:

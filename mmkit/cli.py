@@ -31,10 +31,8 @@ def _print_json_last(obj: dict) -> None:
 
 
 # --------------------------------------------------------------------------- train
-CURVE = "curve.jsonl"  # mmkit train --curve: one AccuracyTracker record per line
-
-
 def cmd_train(args: argparse.Namespace) -> int:
+    from mmkit.callbacks import CURVE, AccuracyTracker
     from mmkit.recipes import apply_overrides, get_recipe
     from mmkit.train import Trainer
     from mmkit.vlm import build_model
@@ -44,8 +42,6 @@ def cmd_train(args: argparse.Namespace) -> int:
     model = build_model(recipe)
     callbacks = []
     if args.curve:
-        from mmkit.callbacks import AccuracyTracker
-
         total = recipe.total_steps()
         at = sorted(set(range(args.curve, total + 1, args.curve)) | {total})
         callbacks.append(AccuracyTracker(at, task=args.curve_task, n=args.curve_n, filename=CURVE))
@@ -128,7 +124,7 @@ def cmd_zoo(args: argparse.Namespace) -> int:
         _print_json_last(report)
     elif args.action == "models":  # the trained family models the demo ships with
         names = [args.only] if args.only else list(zoo.SHIPPED_MODELS)
-        _print_json_last(zoo.build_models(names, out=args.out, smoke=args.smoke))
+        _print_json_last(zoo.build_models(names, out=args.out, smoke=args.smoke, curve_every=args.curve))
     elif args.action == "info":
         _print_json_last(zoo.info())
     return 0
@@ -238,7 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--restart", action="store_true", help="ignore a checkpoint in --out and start over")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.add_argument("--curve", type=int, default=0, metavar="N",
-                   help=f"evaluate every N steps (and at the end) into OUT/{CURVE}: accuracy, per type, "
+                   help="evaluate every N steps (and at the end) into OUT/curve.jsonl: accuracy, per type, "
                         "training minutes")
     t.add_argument("--curve-n", type=int, default=300, metavar="M", help="test questions per curve point")
     t.add_argument("--curve-task", default="vqa", help="the task the curve evaluates (vqa, pope, ...)")
@@ -284,7 +280,8 @@ def build_parser() -> argparse.ArgumentParser:
     z.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="build: override a build setting (mmkit.zoo.SETTINGS), e.g. --set lm_steps=4000")
     z.add_argument("--curve", type=int, default=0, metavar="N",
-                   help="build: measure the LM's own reading every N LM steps (the report's lm_curve)")
+                   help="build: measure the LM's own reading every N LM steps (the report's lm_curve); "
+                        "models: VQA every N steps, shipped as curve.jsonl beside the model")
     z.set_defaults(fn=cmd_zoo)
 
     b = sub.add_parser("bench", help="speed benchmarks that print their figures")

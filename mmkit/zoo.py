@@ -32,6 +32,7 @@ from typing import Any, Sequence
 
 import torch
 
+from mmkit.callbacks import CURVE, AccuracyTracker
 from mmkit.paths import assets_dir
 from mmkit.pretrain.clip import TextTower, clip_loss, image_embedding, object_token_probe, region_loss, train_vision
 from mmkit.pretrain.lm import build_tokenizer, train_lm
@@ -199,7 +200,8 @@ def ship_checkpoint(src: str | Path, name: str, out: str | Path | None = None) -
     """Copy a trained checkpoint into ``<out>/tiny/models/<name>/`` for shipping.
 
     Keeps recipe.json, the trained tensors in fp16 (half the bytes; the demo loads them
-    into the fp32 model) and a peft adapter if any; drops the optimizer state. Atomic:
+    into the fp32 model), a peft adapter if any and the run's learning curve (``curve.jsonl``)
+    if it has one; drops the optimizer state. Atomic:
     written next to the destination, then renamed.
     """
     import shutil
@@ -208,6 +210,7 @@ def ship_checkpoint(src: str | Path, name: str, out: str | Path | None = None) -
 
     from mmkit.train import ADAPTER, RECIPE, WEIGHTS, find_checkpoint
 
+    curve = Path(src) / CURVE
     src = find_checkpoint(src)
     dst = (Path(out) if out else assets_dir()) / MODELS_DIR / name
     staging = dst.with_name(dst.name + ".tmp")
@@ -219,6 +222,8 @@ def ship_checkpoint(src: str | Path, name: str, out: str | Path | None = None) -
     save_file(weights, str(staging / WEIGHTS), metadata={"format": "pt", "dtype": "float16"})
     if (src / ADAPTER).is_dir():
         shutil.copytree(src / ADAPTER, staging / ADAPTER)
+    if curve.is_file():
+        shutil.copy2(curve, staging / CURVE)
     if dst.exists():
         shutil.rmtree(dst)
     staging.rename(dst)
@@ -242,12 +247,16 @@ def model_report(path: str | Path, eval_n: int = 300) -> dict[str, Any]:
 
 
 def build_models(names: Sequence[str] = SHIPPED_MODELS, out: str | Path | None = None, *,
-                 smoke: bool = False, progress: bool = True, eval_n: int = 300) -> dict[str, Any]:
+                 smoke: bool = False, progress: bool = True, eval_n: int = 300,
+                 curve_every: int = 0) -> dict[str, Any]:
     """Train each named recipe on the tiny world and ship its checkpoint in ``out``.
 
     Each lands in ``<out>/tiny/models/<recipe>/`` (``ship_checkpoint``), which
     ``mmkit.train.load_model`` and the demo read. The report (VQA accuracy on ``eval_n``
     test questions, training seconds, size) is merged into report.json under "models".
+    ``curve_every`` > 0 also ships the model's learning curve (VQA on ``eval_n`` questions
+    every that many steps, ``curve.jsonl``; ``viz.plot_learning_curves``), which notebooks
+    draw beside a student's run; the training seconds then leave out the evaluations.
     """
     import tempfile
 
@@ -265,8 +274,13 @@ def build_models(names: Sequence[str] = SHIPPED_MODELS, out: str | Path | None =
         with tempfile.TemporaryDirectory() as tmp:
             t0 = time.perf_counter()
             model = build_model(recipe)
-            Trainer(model, recipe, tmp, progress=progress).train()
-            seconds = time.perf_counter() - t0
+            callbacks = []
+            if curve_every:
+                total = recipe.total_steps()
+                at = sorted(set(range(curve_every, total + 1, curve_every)) | {total})
+                callbacks.append(AccuracyTracker(at, n=8 if smoke else eval_n, filename=CURVE))
+            Trainer(model, recipe, tmp, callbacks=callbacks, progress=progress).train()
+            seconds = callbacks[0].train_seconds if callbacks else time.perf_counter() - t0
             dst = ship_checkpoint(tmp, name, root)
         report[name] = {**model_report(dst, 8 if smoke else eval_n), "train_seconds": round(seconds, 1),
                         "torch_threads": torch.get_num_threads()}

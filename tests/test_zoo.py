@@ -262,9 +262,12 @@ def test_shipped_family_models_build_and_load(tiny_assets, tmp_path):
     from mmkit.demo import discover_models
     from mmkit.train import load_model
 
-    report = zoo.build_models(["llava-tiny"], out=tmp_path, smoke=True, progress=False)
+    report = zoo.build_models(["llava-tiny"], out=tmp_path, smoke=True, progress=False, curve_every=3)
     d = tmp_path / zoo.MODELS_DIR / "llava-tiny"
     assert (d / "recipe.json").is_file() and not (d / "trainer_state.pt").exists()
+    curve = [json.loads(line) for line in (d / "curve.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in curve] == [3, 4]  # smoke: 2 + 2 steps, a point every 3 and at the end
+    assert report["llava-tiny"]["train_seconds"] == pytest.approx(curve[-1]["train_seconds"], abs=0.1)
     weights = load_file(str(d / "model.safetensors"))
     assert weights and all(v.dtype == torch.float16 for v in weights.values())
     assert report["llava-tiny"]["bytes"] == sum(f.stat().st_size for f in d.rglob("*") if f.is_file())
