@@ -55,6 +55,10 @@ class Stage:
     # family's own objective, passed as ``model(**batch, objective=...)`` (BLIP-2
     # stage 1: "itc+itm+itg"; EVE: "lm+align").
     objective: str = "lm"
+    # The text oracle (ShapesWorld only): every image replaced by its scene's full text
+    # description (``mmkit.eval.describe_images``), so the stage trains the LM to answer from
+    # what a perfect encoder would say. ``mmkit eval --oracle`` asks the same way.
+    describe: bool = False
 
     def __post_init__(self):
         # Families add their own groups (Flamingo: "xattn"); the model checks the names
@@ -249,6 +253,22 @@ def llava_tiny() -> Recipe:
         name="llava-tiny",
         bridge="mlp",
         stages=llava_schedule(),
+    )
+
+
+@register_recipe("oracle-tiny")
+def oracle_tiny() -> Recipe:
+    """The text oracle: llava-tiny's LM fine-tuned like its stage 2, with every picture
+    replaced by the scene's description (``Stage.describe``).
+
+    No image reaches the model, so what it scores (``mmkit eval --oracle``) is the ceiling
+    the LM's own in-context reading puts on any bridge: perfect perception, in words.
+    """
+    return Recipe(
+        name="oracle-tiny",
+        bridge="mlp",
+        stages=[Stage("read", train=["lm"], tasks={"vqa": 6.0, "pope": 1.0}, steps=800, lr=5e-4,
+                      batch_size=16, warmup_steps=30, describe=True)],
     )
 
 

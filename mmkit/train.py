@@ -84,6 +84,9 @@ class TrainData:
             self.records = load_records(stage.data, stage.image_folder, **stage.data_options)
             if not self.records:
                 raise ValueError(f"{stage.data}: no usable records")
+            if stage.describe:
+                raise ValueError(f"stage {stage.name!r}: describe=True needs ShapesWorld scenes (their "
+                                 f"descriptions), not a data file ({stage.data}); remove one of the two")
         else:
             from mmkit.data.shapes import ShapesConfig, ShapesWorld
 
@@ -94,7 +97,12 @@ class TrainData:
         B = self.stage.batch_size
         start = ((step * self.stage.grad_accum + micro) * world_size + rank) * B
         if self.records is None:
-            return self.world.samples("train", self.stage.tasks, self.offset + start, B)
+            records = self.world.samples("train", self.stage.tasks, self.offset + start, B)
+            if self.stage.describe:  # the text oracle: each picture replaced by its description
+                from mmkit.eval import describe_images
+
+                records = [describe_images(r, self.world) for r in records]
+            return records
         N = len(self.records)
         out = []
         for i in range(start, start + B):

@@ -86,6 +86,26 @@ def test_resume_gives_the_same_weights(tiny_assets, tmp_path):
     assert steps == list(range(1, 8))
 
 
+def test_describe_stage_trains_on_descriptions_not_pictures(tmp_path):
+    """oracle-tiny's stage: the same ShapesWorld questions, each picture replaced by its scene's description."""
+    recipe = get_recipe("oracle-tiny")
+    stage = recipe.stages[0]
+    assert stage.describe and stage.train == ["lm"]
+    plain = TrainData(recipe, Stage("plain", train=["lm"], tasks=stage.tasks, batch_size=4), 0).batch(0, 0)
+    told = TrainData(recipe, stage, 0).batch(0, 0)
+    for p, t in zip(plain[:4], told):
+        assert p.get("image") is not None and "image" not in t and "images" not in t
+        question = p["conversations"][0]["value"].replace("<image>\n", "")
+        first = t["conversations"][0]["value"]
+        assert "<image>" not in first and first.endswith(question) and len(first) > len(question) + 40
+        assert t["conversations"][1:] == p["conversations"][1:]  # the answers are unchanged
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}]}\n')
+    bad = Stage("read", train=["lm"], data=str(data), describe=True)
+    with pytest.raises(ValueError, match="describe=True needs ShapesWorld"):
+        TrainData(recipe, bad, 0)
+
+
 def test_learning_curve_records_survive_a_resume(tiny_assets, tmp_path):
     from mmkit.callbacks import AccuracyTracker
 
