@@ -101,7 +101,8 @@ def _entry(path: Path, shipped: bool) -> ModelEntry:
 
 
 def discover_models(checkpoints: Sequence[str | Path] = (), *, shipped: bool = True) -> list[ModelEntry]:
-    """The shipped tiny models (``assets/tiny/models/*``) then each ``checkpoints`` folder.
+    """The shipped tiny models (``assets/tiny/models/*``, in ``zoo.SHIPPED_MODELS`` order: the
+    first is the demo's default) then each ``checkpoints`` folder.
 
     A folder that is missing or incomplete still gets an entry, with ``error`` saying
     why (the app shows it and starts anyway). Labels are unique.
@@ -111,7 +112,11 @@ def discover_models(checkpoints: Sequence[str | Path] = (), *, shipped: bool = T
     entries: list[ModelEntry] = []
     root = assets_dir() / "tiny" / "models"
     if shipped and root.is_dir():
-        entries += [_entry(d, True) for d in sorted(root.iterdir()) if d.is_dir()]
+        from mmkit.zoo import SHIPPED_MODELS
+
+        order = {name: i for i, name in enumerate(SHIPPED_MODELS)}  # the reference llava first
+        dirs = sorted((d for d in root.iterdir() if d.is_dir()), key=lambda d: (order.get(d.name, len(order)), d.name))
+        entries += [_entry(d, True) for d in dirs]
     entries += [_entry(Path(c).expanduser(), False) for c in checkpoints]
     seen: dict[str, int] = {}
     for e in entries:

@@ -39,7 +39,7 @@ from mmkit.pretrain.lm import build_tokenizer, train_lm
 from mmkit.pretrain.probes import linear_probe, retrieval_r1
 
 __all__ = ["build", "info", "load_tiny", "VISION_DIR", "LM_DIR", "build_models", "ship_checkpoint", "model_report",
-           "SHIPPED_MODELS", "MODELS_DIR", "SETTINGS",
+           "SHIPPED_MODELS", "MODELS_DIR", "REFERENCE_BUDGETS", "SETTINGS",
            # from mmkit.pretrain, kept here for notebook 01 and the exercises (``zoo.clip_loss``, ...)
            "TextTower", "clip_loss", "image_embedding", "linear_probe", "retrieval_r1", "object_token_probe",
            "region_loss", "train_vision"]
@@ -191,9 +191,16 @@ def load_tiny():
 
 # ---------------------------------------------------------------- shipped family models
 # One trained model per family, small enough to ship in assets/ (weights in fp16), so the
-# demo starts without training. ``mmkit zoo models`` retrains them with their recipes.
+# demo starts without training. ``mmkit zoo models`` retrains them with their recipes. The
+# first is the one the demo opens with.
 SHIPPED_MODELS = ("llava-tiny", "flamingo-tiny", "unified-tiny")
 MODELS_DIR = "tiny/models"
+# A *reference* is a shipped model trained with a larger budget than the recipe's own (the
+# student's 5-minute run): the recipe with these overrides. Notebooks put a student's run
+# beside it; the demo serves it. Measured in docs/benchmarks.md.
+REFERENCE_BUDGETS: dict[str, list[str]] = {
+    "llava-tiny": ["stages.1.steps=7200", "stages.1.warmup_steps=100"],
+}
 
 
 def ship_checkpoint(src: str | Path, name: str, out: str | Path | None = None) -> Path:
@@ -252,7 +259,8 @@ def build_models(names: Sequence[str] = SHIPPED_MODELS, out: str | Path | None =
     """Train each named recipe on the tiny world and ship its checkpoint in ``out``.
 
     Each lands in ``<out>/tiny/models/<recipe>/`` (``ship_checkpoint``), which
-    ``mmkit.train.load_model`` and the demo read. The report (VQA accuracy on ``eval_n``
+    ``mmkit.train.load_model`` and the demo read. A name in ``REFERENCE_BUDGETS`` trains with
+    its reference budget (smoke size ignores it). The report (VQA accuracy on ``eval_n``
     test questions, training seconds, size) is merged into report.json under "models".
     ``curve_every`` > 0 also ships the model's learning curve (VQA on ``eval_n`` questions
     every that many steps, ``curve.jsonl``; ``viz.plot_learning_curves``), which notebooks
@@ -267,7 +275,7 @@ def build_models(names: Sequence[str] = SHIPPED_MODELS, out: str | Path | None =
     root = Path(out) if out else assets_dir()
     report: dict[str, Any] = {}
     for name in names:
-        recipe = get_recipe(name)
+        recipe = apply_overrides(get_recipe(name), REFERENCE_BUDGETS.get(name, []))
         if smoke:
             recipe = apply_overrides(recipe, ["stages.*.steps=2", "stages.*.batch_size=4", "stages.*.warmup_steps=1"])
         torch.manual_seed(recipe.seed)

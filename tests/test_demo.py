@@ -174,6 +174,12 @@ def test_discover_models_lists_shipped_and_reports_bad_folders(demo_ckpt, bad_di
     with pytest.raises(ChatError, match="mmkit zoo models --only llava-tiny"):
         empty.get(None)
     assert "mmkit demo --checkpoint" in no_model_message()
+    # the shipped models come in zoo.SHIPPED_MODELS order (the reference llava first: the
+    # demo's default), then any other folder by name
+    for name in ("a-custom", "unified-tiny", "flamingo-tiny"):
+        shutil.copytree(demo_ckpt, models / name)
+    order = [e.path.name for e in discover_models() if e.shipped]
+    assert order == ["llava-tiny", "flamingo-tiny", "unified-tiny", "a-custom"]
 
 
 def test_store_loads_once_and_reports_load_errors(store, bad_dirs):
