@@ -327,8 +327,10 @@ def _speed_pairs(size: str):
     c = z["projector"]
     from transformers import CLIPVisionConfig, LlamaConfig
 
-    lcfg = LlavaConfig(vision_config=CLIPVisionConfig(hidden_size=c["vision"]),
-                       text_config=LlamaConfig(hidden_size=c["lm"]), projector_hidden_act="gelu")
+    # the projector reads only the two widths; one head keeps any width a valid config
+    lcfg = LlavaConfig(vision_config=CLIPVisionConfig(hidden_size=c["vision"], num_attention_heads=1),
+                       text_config=LlamaConfig(hidden_size=c["lm"], num_attention_heads=1, num_key_value_heads=1),
+                       projector_hidden_act="gelu")
     hf_p = LlavaMultiModalProjector(lcfg).train()
     ours_p = from_hf(hf_p).train()
     pf = torch.randn(B, c["patches"], c["vision"])

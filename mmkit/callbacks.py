@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-__all__ = ["Callback", "StopTraining", "GateLogger", "AccuracyTracker", "CURVE"]
+__all__ = ["Callback", "StopTraining", "GateLogger", "AccuracyTracker", "CURVE", "load_curve"]
 
 CURVE = "curve.jsonl"  # where `mmkit train --curve` and `mmkit zoo models --curve` keep an AccuracyTracker's records
 
@@ -138,3 +138,18 @@ class AccuracyTracker(Callback):
                 with open(path, "a") as f:
                     f.write(json.dumps(row) + "\n")
         self._since = time.perf_counter()
+
+
+def load_curve(folder: str | Path) -> list[dict[str, Any]]:
+    """The learning-curve records a run or a shipped model keeps in ``folder/curve.jsonl``."""
+    path = Path(folder) / CURVE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no learning curve here; train with `mmkit train --curve N` "
+                                "(or `mmkit zoo models --curve N`) to record one")
+    rows = []
+    for i, line in enumerate(path.read_text().splitlines(), 1):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{i}: not a JSON record ({e}); delete the line or retrain") from None
+    return rows

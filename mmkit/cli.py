@@ -3,6 +3,7 @@
     mmkit train --recipe llava-tiny [--out DIR] [--set key=value ...]
     mmkit chat  --checkpoint DIR --image PATH "question"
     mmkit eval  --checkpoint DIR --task vqa|pope|ground|caption [--split test] [--n N] [--json] [--blind | --oracle]
+    mmkit curves DIR [DIR ...] --out FIG.png   learning curves (train --curve) side by side
     mmkit demo [--checkpoint DIR ...] [--port N] [--share]   the chat demo in the browser
     mmkit zoo build [--out DIR]      retrain the tiny pre-trained ViT and LM from scratch
     mmkit zoo models [--only NAME]   train the family models the demo ships (assets/tiny/models)
@@ -92,6 +93,23 @@ def cmd_eval(args: argparse.Namespace) -> int:
             print(f"{k:>12}: {v}")
     else:
         _print_json_last(res)
+    return 0
+
+
+# ---------------------------------------------------------------------------- curves
+def cmd_curves(args: argparse.Namespace) -> int:
+    """Draw the learning curves of several runs (``curve.jsonl``) on one figure."""
+    from mmkit.callbacks import load_curve
+    from mmkit.viz import plot_learning_curves
+
+    labels = args.label or [Path(d).name for d in args.dirs]
+    if len(labels) != len(args.dirs):
+        raise SystemExit(f"curves: {len(args.dirs)} folders but {len(labels)} --label; give one per folder or none")
+    fig = plot_learning_curves({lab: load_curve(d) for lab, d in zip(labels, args.dirs)},
+                               baseline=args.baseline, title=args.title)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(args.out, dpi=120, bbox_inches="tight")
+    print(f"saved {args.out}")
     return 0
 
 
@@ -262,6 +280,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="replace the image by the scene's text description (perfect perception, in words)")
     e.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     e.set_defaults(fn=cmd_eval)
+
+    k = sub.add_parser("curves", help="draw learning curves (mmkit train --curve) side by side")
+    k.add_argument("dirs", nargs="+", metavar="DIR", help="run folders or shipped models with a curve.jsonl")
+    k.add_argument("--out", required=True, help="the figure's file (.png, .svg, .pdf)")
+    k.add_argument("--label", action="append", help="a name per folder, in order (default: the folder names)")
+    k.add_argument("--baseline", type=float, default=None, help="a dashed line, e.g. the blind accuracy")
+    k.add_argument("--title", default="")
+    k.set_defaults(fn=cmd_curves)
 
     d = sub.add_parser("demo", help="chat with a trained model in the browser (Gradio, offline)")
     d.add_argument("--checkpoint", action="append", default=[], metavar="DIR",
