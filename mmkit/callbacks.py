@@ -97,6 +97,11 @@ class AccuracyTracker(Callback):
         self._since: float | None = None
         self._started = False
 
+    @classmethod
+    def every(cls, steps: int, total: int, **kwargs: Any) -> "AccuracyTracker":
+        """A tracker that measures every ``steps`` steps of a ``total``-step run, and at its end."""
+        return cls(sorted(set(range(steps, total + 1, steps)) | {total}), **kwargs)
+
     def _path(self, trainer) -> Path | None:
         return Path(trainer.out_dir) / self.filename if self.filename else None
 

@@ -43,9 +43,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     model = build_model(recipe)
     callbacks = []
     if args.curve:
-        total = recipe.total_steps()
-        at = sorted(set(range(args.curve, total + 1, args.curve)) | {total})
-        callbacks.append(AccuracyTracker(at, task=args.curve_task, n=args.curve_n, filename=CURVE))
+        callbacks.append(AccuracyTracker.every(args.curve, recipe.total_steps(), task=args.curve_task,
+                                               n=args.curve_n, filename=CURVE))
     trainer = Trainer(model, recipe, out, callbacks=callbacks, progress=not args.quiet)
     trainer.train(resume=not args.restart)
     if trainer.is_main:

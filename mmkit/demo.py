@@ -420,7 +420,7 @@ class ChatSession:
             return self.model.explain(rec["images"], messages, self.last_request["answer"])
 
 
-def inspect_last(session: ChatSession | None, max_maps: int = 4) -> tuple[list, str]:
+def inspect_last(conversation: ChatSession | None, max_maps: int = 4) -> tuple[list, str]:
     """The "Inspect" panel: ([(heatmap PIL image, caption)], markdown summary).
 
     Heatmaps are drawn over each image as the model framed it (``explain``'s views),
@@ -429,10 +429,10 @@ def inspect_last(session: ChatSession | None, max_maps: int = 4) -> tuple[list, 
     """
     from mmkit.viz.overlay import heatmap_image
 
-    if session is None:
+    if conversation is None:
         raise ChatError("Nothing to inspect yet: pick a model and ask a question first.")
-    info = session.explain()
-    views = info.get("views") or session.last_request["record"]["images"]
+    info = conversation.explain()
+    views = info.get("views") or conversation.last_request["record"]["images"]
     gallery = []
     for i, (view, maps) in enumerate(zip(views, info["maps"])):
         for label, m in list(maps.items())[:max_maps]:
@@ -498,13 +498,13 @@ def build_app(store: ModelStore | Sequence[str | Path] = (), *, title: str = "mm
     intro = [{"role": "assistant", "content": n} for n in notes]
 
     def new_state(label):
-        return {"label": label, "session": None, "display": list(intro)}
+        return {"label": label, "conversation": None, "display": list(intro)}
 
-    def session_for(state, label) -> ChatSession:
-        if state["session"] is None or state["label"] != label:
+    def conversation_for(state, label) -> ChatSession:
+        if state["conversation"] is None or state["label"] != label:
             model = store.get(label)
-            state["session"], state["label"] = ChatSession(model, label), label
-        return state["session"]
+            state["conversation"], state["label"] = ChatSession(model, label), label
+        return state["conversation"]
 
     def respond(label, message, max_new_tokens, temperature, state):
         state = state or new_state(label)
@@ -516,17 +516,17 @@ def build_app(store: ModelStore | Sequence[str | Path] = (), *, title: str = "mm
         cleared = gr.MultimodalTextbox(value=None)
         shown = False
         try:
-            session = session_for(state, label)
-            turn = session.check(text, files)  # refuse before showing anything as sent
+            conversation = conversation_for(state, label)
+            turn = conversation.check(text, files)  # refuse before showing anything as sent
             display += _user_message(turn.text, files, True)
             display.append({"role": "assistant", "content": "…"})
             shown = True
             yield display, cleared, state
-            for partial in session.stream(turn=turn, max_new_tokens=max_new_tokens,
+            for partial in conversation.stream(turn=turn, max_new_tokens=max_new_tokens,
                                           temperature=temperature):
                 display[-1] = {"role": "assistant", "content": partial or "…"}
                 yield display, cleared, state
-            drawn = session.last_drawings
+            drawn = conversation.last_drawings
             if drawn:  # a native model drew: show the pictures under its words
                 words = display[-1]["content"].replace(IMAGE_TOKEN, "").strip()
                 display.pop()
@@ -561,9 +561,9 @@ def build_app(store: ModelStore | Sequence[str | Path] = (), *, title: str = "mm
         return state["display"], state, [], "", status
 
     def inspect(state):
-        session = (state or {}).get("session")
+        conversation = (state or {}).get("conversation")
         try:
-            return inspect_last(session)
+            return inspect_last(conversation)
         except ChatError as e:
             return [], f"⚠️ {e}"
         except Exception as e:  # noqa: BLE001

@@ -81,12 +81,12 @@ class TrainData:
         if stage.data:
             from mmkit.data.conversations import load_records
 
-            self.records = load_records(stage.data, stage.image_folder, **stage.data_options)
-            if not self.records:
-                raise ValueError(f"{stage.data}: no usable records")
             if stage.describe:
                 raise ValueError(f"stage {stage.name!r}: describe=True needs ShapesWorld scenes (their "
                                  f"descriptions), not a data file ({stage.data}); remove one of the two")
+            self.records = load_records(stage.data, stage.image_folder, **stage.data_options)
+            if not self.records:
+                raise ValueError(f"{stage.data}: no usable records")
         else:
             from mmkit.data.shapes import ShapesConfig, ShapesWorld
 

@@ -419,7 +419,7 @@ def test_notebook_chat_uses_the_same_functions(demo_ckpt, files):
 
     nb = NotebookChat(demo_ckpt, max_new_tokens=5)
     answer = nb.send(QUESTION, [("scene.png", files["scene"].read_bytes())])
-    assert isinstance(answer, str) and nb.session.turns[-1].text == answer
+    assert isinstance(answer, str) and nb.chat.turns[-1].text == answer
     assert "scene.png" in nb.conversation.value
     assert nb.send("", []) is None and "message is empty" in nb.conversation.value
     assert nb.send(QUESTION, [("notes.png", files["not_image"].read_bytes())]) is None
@@ -427,9 +427,9 @@ def test_notebook_chat_uses_the_same_functions(demo_ckpt, files):
     gallery = nb.inspect()
     assert len(gallery) == 2 and len(nb.maps.children) == 2 and "Tokens each image cost" in nb.inspect_text.value
     nb.clear()
-    assert nb.session.turns == [] and nb.maps.children == ()
+    assert nb.chat.turns == [] and nb.maps.children == ()
     assert nb.inspect() == [] and "ask a question first" in nb.inspect_text.value
-    assert type(chat(nb.session.model)).__name__ == "VBox"
+    assert type(chat(nb.chat.model)).__name__ == "VBox"
 
 
 # ---------------------------------------------------------------- the launched app

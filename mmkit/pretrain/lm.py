@@ -159,7 +159,8 @@ def train_lm(world, tokenizer, s: dict, progress: bool = True, on_step=None) -> 
     documents of ``reading_corpus``, ``lm_steps`` x ``lm_batch``; ``answer_weight`` > 1 weighs
     the tokens of assistant answers that much more than the rest of the text (default 1: one
     mean over every token); ``lm_buckets`` runs each batch in length buckets (:func:`lm_backward`:
-    the same gradients, about half the compute). ``on_step(step, lm)`` is called after each step (a learning curve).
+    the same gradients, less compute). ``on_step(step, lm)`` is called after each step (a
+    learning curve).
     """
     from transformers import LlamaForCausalLM
 
@@ -186,9 +187,9 @@ def train_lm(world, tokenizer, s: dict, progress: bool = True, on_step=None) -> 
         m = mask[idx]
         T = int(m.sum(1).max())
         x, m = ids[idx, :T], m[:, :T]
-        labels = x.masked_fill(m == 0, -100)
         if weight == 1.0 and not buckets:  # the shipped LM's step: one padded batch, one mean
-            optimizer_step(lm(input_ids=x, attention_mask=m, labels=labels).loss, opt, sched, params, bar)
+            loss = lm(input_ids=x, attention_mask=m, labels=x.masked_fill(m == 0, -100)).loss
+            optimizer_step(loss, opt, sched, params, bar)
         else:
             opt.zero_grad(set_to_none=True)
             loss = lm_backward(lm, x, m, answers[idx, :T] if answers is not None else None, weight, buckets)

@@ -48,7 +48,7 @@ class NotebookChat:
 
             model = load_model(model)
         model.eval()
-        self.session = ChatSession(model)
+        self.chat = ChatSession(model)
         self.log: list[tuple[str, str]] = []  # (role, html) shown in the conversation
         self.upload = w.FileUpload(accept="image/*", multiple=True, description="Images")
         self.text = w.Text(placeholder="Ask about the image(s)…", layout=w.Layout(width="40%"))
@@ -59,7 +59,7 @@ class NotebookChat:
         self.temperature = w.FloatSlider(value=temperature, min=0.0, max=2.0, step=0.05,
                                          description="temperature")
         self.conversation = w.HTML(self._render())
-        self.info = w.HTML(self.session.describe().replace("**", ""))
+        self.info = w.HTML(self.chat.describe().replace("**", ""))
         self.maps = w.HBox([])
         self.inspect_text = w.HTML("")
         self.send_btn.on_click(lambda _: self.send())
@@ -81,7 +81,7 @@ class NotebookChat:
             return "<i>Upload an image, type a question, press Send.</i>"
         out = []
         for role, body in rows:
-            who = "you" if role == "user" else self.session.label
+            who = "you" if role == "user" else self.chat.label
             color = "#1f77b4" if role == "user" else "#333"
             out.append(f"<div style='margin:2px 0'><b style='color:{color}'>{html.escape(who)}:</b> {body}</div>")
         return "".join(out)
@@ -103,8 +103,8 @@ class NotebookChat:
         user = ("user", shown + (f" <i>[{html.escape(names)}]</i>" if names else ""))
         answer = None
         try:
-            turn = self.session.check(text, files)
-            for partial in self.session.stream(turn=turn, max_new_tokens=self.max_tokens.value,
+            turn = self.chat.check(text, files)
+            for partial in self.chat.stream(turn=turn, max_new_tokens=self.max_tokens.value,
                                                temperature=self.temperature.value):
                 self.conversation.value = self._render([user, ("assistant", html.escape(partial))])
                 answer = partial
@@ -117,7 +117,7 @@ class NotebookChat:
         return answer
 
     def clear(self) -> None:
-        self.session.clear()
+        self.chat.clear()
         self.log = []
         self.conversation.value = self._render()
         self.maps.children = ()
@@ -128,7 +128,7 @@ class NotebookChat:
         import ipywidgets as w
 
         try:
-            gallery, summary = inspect_last(self.session)
+            gallery, summary = inspect_last(self.chat)
         except ChatError as e:
             self.maps.children = ()
             self.inspect_text.value = "⚠️ " + html.escape(str(e))
