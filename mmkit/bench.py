@@ -1,8 +1,9 @@
-"""``mmkit bench memory`` and ``mmkit bench speed``: what training costs.
+"""``mmkit bench memory``, ``speed`` and ``families``: what training costs, and what it buys.
 
-``speed`` (at the end of this file) times each from-scratch bridge against its
-transformers class, and the llava-tiny training step. ``memory``: what fine-tuning a
-real-size VLM costs, per method and length.
+``speed`` times each from-scratch bridge against its transformers class, and the
+llava-tiny training step. ``families`` (the bake-off, at the end of this file) trains every
+family on the same data for the same compute and scores them the same way. ``memory``:
+what fine-tuning a real-size VLM costs, per method and length.
 
 Qwen-VL's fine-tuning guide reports, for one A100-80G (batch 1, gradient accumulation
 8, one image), GPU memory and seconds per iteration at sequence lengths 384 to 2048 for
@@ -40,7 +41,8 @@ from typing import Any, Sequence
 import torch
 
 __all__ = ["METHODS", "SIZES", "bench_parts", "measure", "memory_table", "format_table", "SPEED_SIZES",
-           "bridge_speed", "train_step_speed", "format_speed"]
+           "bridge_speed", "train_step_speed", "format_speed", "BAKEOFF", "stage_costs", "bake_off",
+           "format_bake_off", "load_bake_off", "BAKEOFF_FILE"]
 
 METHODS = ("full", "lora", "qlora")
 LORA = {"r": 16, "alpha": 32, "dropout": 0.05}
@@ -377,16 +379,18 @@ def bridge_speed(size: str = "real", repeats: int = 5) -> list[dict[str, Any]]:
 
 
 class _StepClock:
-    """Trainer callback: the wall time at the end of each optimizer step."""
+    """Trainer callback: the time at the end of each optimizer step (wall clock, or the
+    process's CPU time with ``clock=time.process_time``)."""
 
-    def __init__(self):
+    def __init__(self, clock=time.perf_counter):
+        self.clock = clock
         self.times: list[float] = []
 
     def on_stage_start(self, trainer, stage) -> None:
-        self.times.append(time.perf_counter())
+        self.times.append(self.clock())
 
     def on_step_end(self, trainer, logs) -> None:
-        self.times.append(time.perf_counter())
+        self.times.append(self.clock())
 
     def on_stage_end(self, trainer, stage) -> None: ...
 
@@ -420,6 +424,161 @@ def format_speed(rows: Sequence[dict[str, Any]]) -> str:
     lines = ["| bridge | transformers class | theirs fwd+bwd | ours fwd+bwd | speed-up |", "|---|---|---:|---:|---:|"]
     lines += [f"| {r['bridge']} | `{r['reference']}` | {r['ref_s'] * 1000:.1f} ms | {r['ours_s'] * 1000:.1f} ms | "
               f"{r['speedup']:.2f}x |" for r in rows]
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------- the bake-off
+# Every family's student recipe, in the order the notebooks meet them.
+BAKEOFF = ("llava-tiny", "blip2-tiny", "instructblip-tiny", "minigpt4-tiny", "flamingo-tiny", "qwenvl-tiny",
+           "fuyu-tiny", "eve-tiny", "kosmos-tiny", "palme-tiny", "unified-tiny")
+
+
+def stage_costs(recipe, steps: int = 3) -> list[float]:
+    """CPU seconds (the process's, all threads) per optimizer step of each stage of ``recipe``:
+    each stage alone for ``steps`` + 1 steps on a fresh model, the first step not counted."""
+    import copy
+    import statistics
+
+    from mmkit.train import Trainer
+    from mmkit.vlm import build_model
+
+    costs = []
+    for k in range(len(recipe.stages)):
+        r = copy.deepcopy(recipe)
+        st = r.stages[k]
+        st.steps, st.warmup_steps = steps + 1, 1
+        r.stages, r.save_every = [st], 0
+        clock = _StepClock(time.process_time)
+        with tempfile.TemporaryDirectory() as out:
+            Trainer(build_model(r), r, out, callbacks=[clock], progress=False).train(resume=False)
+        costs.append(statistics.median(b - a for a, b in zip(clock.times[1:], clock.times[2:])))
+    return costs
+
+
+def _trainable_params(model, recipe) -> int:
+    """Parameters trained in at least one stage of ``recipe`` (counted once)."""
+    from mmkit.train import set_trainable
+
+    names = set()
+    for st in recipe.stages:
+        names |= set(set_trainable(model, st.train))
+    return sum(p.numel() for n, p in model.named_parameters() if n in names)
+
+
+def _image_tokens(model) -> int:
+    """Token positions one image takes in the LM's sequence (Flamingo: its one marker; what it
+    reads through cross-attention is ``bridge_tokens``)."""
+    from PIL import Image
+
+    H, W = model.image_size
+    return len(model.processor.expand(model.preprocess([Image.new("RGB", (W, H))])[0]))
+
+
+def bake_off(minutes: float = 3.0, recipes: Sequence[str] = BAKEOFF, *, out: str | Path, n: int = 200,
+             curve_points: int = 4, curve_n: int = 100, progress: bool = False) -> list[dict[str, Any]]:
+    """Train every family's student recipe on the same ShapesWorld data for the same compute
+    and score each the same way.
+
+    The budget is ``minutes`` of *compute*: the process's CPU time divided by its torch threads
+    (``mmkit.callbacks.compute_clock``), which equals wall time on an idle machine and keeps the
+    comparison fair when other programs share the cores. Each recipe keeps its own stages
+    and their proportions (``scale_budget``), scaled to the number of steps its measured
+    per-step cost (``stage_costs``) buys. One row per family: VQA overall and per question
+    type, POPE F1, caption CHAIR_i (all on the test split, ``n`` questions, captions on
+    ``n // 2``), image tokens in the LM's sequence, trainable parameters, seconds per step and
+    the learning curve (VQA on ``curve_n`` questions at ``curve_points`` points), kept in
+    ``out/<recipe>/`` (checkpoint, ``curve.jsonl``, ``result.json``). A family whose
+    ``result.json`` exists is not trained again, so a stopped bake-off resumes.
+    """
+    from mmkit.callbacks import CURVE, AccuracyTracker, compute_clock
+    from mmkit.eval import evaluate
+    from mmkit.recipes import get_recipe, scale_budget
+    from mmkit.train import Trainer
+    from mmkit.vlm import build_model
+
+    if minutes <= 0:
+        raise ValueError(f"bake_off: minutes must be > 0, got {minutes}")
+    out = Path(out)
+    threads = torch.get_num_threads()
+    budget = minutes * 60 * threads
+    rows = []
+    for name in recipes:
+        folder = out / name
+        done = folder / "result.json"
+        if done.is_file():
+            rows.append(json.loads(done.read_text()))
+            continue
+        recipe = get_recipe(name)
+        costs = stage_costs(recipe)
+        per_original = sum(st.steps * c for st, c in zip(recipe.stages, costs))
+        total = max(len(recipe.stages), round(recipe.total_steps() * budget / per_original))
+        recipe = scale_budget(recipe, total)
+        torch.manual_seed(recipe.seed)
+        model = build_model(recipe)
+        tracker = AccuracyTracker.every(max(1, total // curve_points), total, n=curve_n, filename=CURVE,
+                                        clock=compute_clock())
+        wall = time.perf_counter()
+        Trainer(model, recipe, folder, callbacks=[tracker], progress=progress).train(resume=False)
+        wall = time.perf_counter() - wall
+        model.eval()
+        vqa = evaluate(model, "vqa", n=n)
+        pope = evaluate(model, "pope", n=n)
+        cap = evaluate(model, "caption", n=max(1, n // 2))
+        row = {
+            "recipe": name, "family": recipe.family, "bridge": recipe.bridge, "steps": total,
+            "stage_steps": [st.steps for st in recipe.stages], "vqa": vqa["accuracy"],
+            "vqa_per_type": vqa["per_type"], "pope_f1": pope["f1"], "pope_accuracy": pope["accuracy"],
+            "chair_i": cap["chair_i"], "image_tokens": _image_tokens(model),
+            "bridge_tokens": model.num_image_tokens(), "trainable_params": _trainable_params(model, recipe),
+            # compute seconds (CPU time / threads) of training alone, without the curve's evaluations
+            "train_seconds": round(tracker.train_seconds, 1),
+            "s_per_step": round(tracker.train_seconds / total, 3),
+            "wall_seconds": round(wall, 1),  # training and the curve's evaluations, as the clock on the wall saw them
+            "threads": threads, "minutes": minutes, "n": n, "curve": tracker.records,
+        }
+        _write_json(done, row)
+        rows.append(row)
+    _write_json(out / BAKEOFF_FILE, {"minutes": minutes, "n": n, "rows": rows})
+    return rows
+
+
+BAKEOFF_FILE = "bake-off.json"  # in the bake-off's folder, and shipped in assets/tiny/
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1) + "\n")
+    tmp.replace(path)
+
+
+def load_bake_off(path: str | Path | None = None) -> dict[str, Any]:
+    """The bake-off's results: ``{"minutes", "n", "rows"}`` from ``path`` (a bake-off folder or its
+    ``bake-off.json``); by default the one shipped in ``assets/tiny/``."""
+    from mmkit.paths import assets_dir
+
+    path = Path(path) if path else assets_dir() / "tiny" / BAKEOFF_FILE
+    if path.is_dir():
+        path = path / BAKEOFF_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no bake-off results here; run `mmkit bench families --out DIR` "
+                                "(it writes DIR/bake-off.json)")
+    return json.loads(path.read_text())
+
+
+def format_bake_off(rows: Sequence[dict[str, Any]]) -> str:
+    """Markdown: one row per family, the columns of the bake-off."""
+    types = sorted({t for r in rows for t in r["vqa_per_type"]})
+    head = ["recipe", "VQA", *types, "POPE F1", "CHAIR_i", "image tokens", "trainable", "steps", "s/step*"]
+    lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
+    for r in rows:
+        tok = str(r["image_tokens"])  # fewer in the sequence than the bridge makes: the rest is read by cross-attention
+        if r["image_tokens"] < r["bridge_tokens"]:
+            tok += f" (+{r['bridge_tokens']} by cross-attention)"
+        cells = [r["recipe"], f"{r['vqa']:.3f}", *(f"{r['vqa_per_type'].get(t, float('nan')):.2f}" for t in types),
+                 f"{r['pope_f1']:.2f}", f"{r['chair_i']:.2f}", tok, f"{r['trainable_params'] / 1e6:.2f}M",
+                 str(r["steps"]), f"{r['s_per_step']:.2f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append("\n\\* compute seconds per optimizer step: CPU time / torch threads (wall time on an idle machine)")
     return "\n".join(lines)
 
 

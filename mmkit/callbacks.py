@@ -12,9 +12,9 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
-__all__ = ["Callback", "StopTraining", "GateLogger", "AccuracyTracker", "CURVE", "load_curve"]
+__all__ = ["Callback", "StopTraining", "GateLogger", "AccuracyTracker", "CURVE", "load_curve", "compute_clock"]
 
 CURVE = "curve.jsonl"  # where `mmkit train --curve` and `mmkit zoo models --curve` keep an AccuracyTracker's records
 
@@ -76,6 +76,16 @@ class GateLogger(Callback):
         return out
 
 
+def compute_clock() -> Callable[[], float]:
+    """A clock in *compute seconds*: the process's CPU time divided by its torch threads. On an
+    idle machine it runs like the wall clock; when other programs share the cores it does not
+    count the time they took, so budgets and curves measured with it stay comparable."""
+    import torch
+
+    threads = max(1, torch.get_num_threads())
+    return lambda: time.process_time() / threads
+
+
 class AccuracyTracker(Callback):
     """Trainer callback: ``mmkit.eval.evaluate(model, task, n=n)`` at the given global steps.
 
@@ -85,12 +95,16 @@ class AccuracyTracker(Callback):
     x-axis of a learning curve in minutes (``mmkit.viz.plot_learning_curves``). With a
     ``filename`` each record is also appended to ``OUT/filename`` (JSON lines); a resumed run
     keeps the records before its first step and goes on counting from there.
+    ``clock``: what a second is, by default the wall clock; ``compute_clock()`` counts the
+    process's CPU time per torch thread instead, which other programs on the machine do not
+    stretch (the bake-off's curves use it).
     """
 
     def __init__(self, at: Sequence[int], task: str = "vqa", n: int = 100, metric: str = "accuracy",
-                 filename: str | None = None):
+                 filename: str | None = None, clock: Callable[[], float] = time.perf_counter):
         self.at, self.task, self.n, self.metric = set(int(a) for a in at), task, n, metric
         self.filename = filename
+        self.clock = clock
         self.history: dict[int, float] = {}
         self.records: list[dict[str, Any]] = []
         self.train_seconds = 0.0
@@ -120,10 +134,10 @@ class AccuracyTracker(Callback):
         self.train_seconds = kept[-1]["train_seconds"] if kept else 0.0
 
     def on_stage_start(self, trainer, stage) -> None:
-        self._since = time.perf_counter()
+        self._since = self.clock()
 
     def on_step_end(self, trainer, logs: dict[str, Any]) -> None:
-        now = time.perf_counter()
+        now = self.clock()
         step = int(logs["global_step"])
         if not self._started:
             self._start(trainer, step)
@@ -142,7 +156,7 @@ class AccuracyTracker(Callback):
             if path is not None and trainer.is_main:
                 with open(path, "a") as f:
                     f.write(json.dumps(row) + "\n")
-        self._since = time.perf_counter()
+        self._since = self.clock()
 
 
 def load_curve(folder: str | Path) -> list[dict[str, Any]]:

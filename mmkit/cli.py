@@ -10,6 +10,7 @@
     mmkit bench shapes               ShapesWorld samples per second
     mmkit bench memory [--target]    peak memory and s/iter: full / LoRA / QLoRA x sequence length
     mmkit bench speed                each bridge vs its transformers class (fwd+bwd), llava-tiny samples/s
+    mmkit bench families [--minutes M]  the bake-off: every family, same data, same compute, one table
     mmkit export --merge --checkpoint DIR --out OUT   LoRA folded into a plain LM
     mmkit recipes                    list the recipes
     mmkit env                        what torch sees (CUDA, bf16, bitsandbytes)
@@ -158,7 +159,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.what == "shapes":
         from mmkit.data.shapes import benchmark
 
-        res = benchmark(n=args.n, size=args.size, task=args.task)
+        res = benchmark(n=args.n or 2000, size=args.size, task=args.task)
         print(f"ShapesWorld: {res['samples_per_s']:.0f} samples/s at {args.size} px, task {args.task} (one core)")
         _print_json_last(res)
     elif args.what == "memory":
@@ -187,6 +188,23 @@ def cmd_bench(args: argparse.Namespace) -> int:
         print(f"\nllava-tiny stage {step['stage']!r}: {step['samples_per_s']} samples/s "
               f"({step['s_per_step']} s per step of {step['batch']})")
         _print_json_last({"bridges": rows, "train_step": step})
+    elif args.what == "families":
+        from mmkit.bench import BAKEOFF, bake_off, format_bake_off
+
+        names = [x.strip() for x in args.only.split(",")] if args.only else list(BAKEOFF)
+        out = Path(args.out or "runs/bake-off")
+        rows = bake_off(args.minutes, names, out=out, n=args.n or 200,
+                        progress=not args.quiet)
+        print(f"\nthe bake-off: {args.minutes:g} min of {torch_threads()} threads each, ShapesWorld test split\n")
+        print(format_bake_off(rows))
+        if args.figure:
+            from mmkit.viz import plot_learning_curves
+
+            fig = plot_learning_curves({r["recipe"]: r["curve"] for r in rows},
+                                       title=f"every family, {args.minutes:g} min of compute each")
+            fig.savefig(args.figure, dpi=110, bbox_inches="tight")
+            print(f"learning curves: {args.figure}")
+        _print_json_last({"rows": [{k: v for k, v in r.items() if k != "curve"} for r in rows]})
 
 
 # -------------------------------------------------------------------------- export
@@ -310,8 +328,14 @@ def build_parser() -> argparse.ArgumentParser:
     z.set_defaults(fn=cmd_zoo)
 
     b = sub.add_parser("bench", help="speed benchmarks that print their figures")
-    b.add_argument("what", choices=["shapes", "memory", "speed"])
-    b.add_argument("--n", type=int, default=2000, help="shapes: samples")
+    b.add_argument("what", choices=["shapes", "memory", "speed", "families"])
+    b.add_argument("--n", type=int, default=None, help="shapes: samples (default 2000); families: test questions (default 200)")
+    b.add_argument("--minutes", type=float, default=3.0,
+                   help="families: compute per family, minutes of the torch threads (CPU time)")
+    b.add_argument("--only", default="", help="families: comma-separated recipes (default: every family)")
+    b.add_argument("--out", default="", help="families: folder for the runs (default runs/bake-off); resumes")
+    b.add_argument("--figure", default="", help="families: write the learning curves of all families here")
+    b.add_argument("--quiet", action="store_true", help="families: no progress bars")
     b.add_argument("--train-steps", type=int, default=20, help="speed: timed llava-tiny training steps")
     b.add_argument("--size", type=int, default=64, help="shapes: image size")
     b.add_argument("--task", default="vqa", help="shapes: task")
