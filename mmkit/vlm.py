@@ -622,7 +622,7 @@ def vlm_options(recipe, *, encoder: bool = True) -> dict[str, Any]:
                 text_format=recipe.text_format, loss_on=recipe.loss_on)
     if encoder:
         opts.update(feature_layer=recipe.feature_layer, image_mode=recipe.image_mode)
-        if recipe.image_mode == "anyres":  # LLaVA-NeXT tiling (mmkit.data.tiling)
+        if recipe.image_mode == "anyres" or recipe.anyres_grids is not None:  # LLaVA-NeXT tiling (mmkit.data.tiling)
             opts["anyres_grids"] = recipe.anyres_grids
     return opts
 
