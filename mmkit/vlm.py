@@ -73,10 +73,11 @@ class AnyRes(nn.Module):
                          f"mlp_norm, pixel_shuffle); {type(bridge).__name__} gives {n} tokens for a {h}x{w} grid. "
                          "Use one of those bridges, or image_mode='pad'.")
 
-    def num_tokens(self, tiles, token_grid: tuple[int, int], crop: tuple[int, int]) -> int:
+    def num_tokens(self, size: tuple[int, int], token_grid: tuple[int, int], crop: tuple[int, int]) -> int:
+        """LM tokens of an image of ``size`` (height, width)."""
         from mmkit.data.tiling import anyres_tokens
 
-        return anyres_tokens(*tiles.size, crop, self.grids, token_grid)
+        return anyres_tokens(*size, crop, self.grids, token_grid)
 
     def pack(self, tokens: Tensor, tiles, token_grid: tuple[int, int]) -> Tensor:
         from mmkit.data.tiling import unpadded_extent
@@ -201,8 +202,9 @@ class VLM(nn.Module):
             grid = self.vision.grid(self.image_size)
         else:
             grid = self.image_grid(pixel_values)
-        if self.tiling is not None and pixel_values is not None:
-            return self.tiling.num_tokens(pixel_values, AnyRes.token_grid(self.bridge, grid), self.image_size)
+        if self.tiling is not None:  # tiled: an image of image_size is one crop + the global view
+            size = pixel_values.size if pixel_values is not None else self.image_size
+            return self.tiling.num_tokens(size, AnyRes.token_grid(self.bridge, grid), self.image_size)
         return self.bridge.num_tokens(grid)
 
     def expand_image(self, pixel_values: Tensor) -> list[int]:

@@ -97,6 +97,7 @@ def test_token_count_equals_the_calculator(anyres_model, w, h):
     pins = [(r * 64, c * 64) for r, c in GRIDS]
     want = T.llava_next_tokens(w, h, crop=64, patch=8, pinpoints=pins)
     assert len(m.expand_image(tiles)) == want
+    assert m.num_image_tokens() == 64 + 64 + 8  # an image of the encoder's own size: one crop + the global view
     with torch.no_grad():
         assert m.image_embeds([tiles])[0].shape[0] == want  # what the model writes, not only what it counts
 
