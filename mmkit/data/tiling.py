@@ -125,10 +125,16 @@ def anyres_tokens(height: int, width: int, crop: int | Sequence[int], grids: Seq
 
 def tile_image(preprocess: Callable[..., torch.Tensor], image: Any, crop: int | Sequence[int],
                grids: Sequence[Sequence[int]]) -> Tiles:
-    """One PIL image -> ``Tiles``. ``preprocess(images, size=(H, W), mode="pad")`` is the
+    """One image (PIL, or a path) -> ``Tiles``. ``preprocess(images, size=(H, W), mode="pad")`` is the
     encoder's own (``VisionEncoder.preprocess``): it letterboxes (centred, mean colour) and
     normalises, so the canvas is the image fitted into rows*S x cols*S and padded, and the
     global view the image fitted into S x S."""
+    from PIL import Image
+
+    if not isinstance(image, Image.Image):  # a path, bytes, an array: the processor's own loading
+        from mmkit.data.images import load_image
+
+        image = load_image(image)
     sh, sw = (crop, crop) if isinstance(crop, int) else (int(crop[0]), int(crop[1]))
     width, height = image.size
     rows, cols = best_grid(height, width, (sh, sw), grids)
