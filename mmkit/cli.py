@@ -159,7 +159,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.what == "shapes":
         from mmkit.data.shapes import benchmark
 
-        res = benchmark(n=args.n, size=args.size, task=args.task)
+        res = benchmark(n=args.n or 2000, size=args.size, task=args.task)
         print(f"ShapesWorld: {res['samples_per_s']:.0f} samples/s at {args.size} px, task {args.task} (one core)")
         _print_json_last(res)
     elif args.what == "memory":
@@ -192,7 +192,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from mmkit.bench import format_resolution, resolution_bench
 
         steps = args.train_steps or 900
-        n = args.n if args.n != 2000 else 200  # --n's default is the shapes bench's
+        n = args.n or 200
         res = resolution_bench(steps=steps, n=n, out_dir=args.out)
         print(f"\nsmall text at {res['scene_size']} px, {steps} steps per model, {n} test questions per task, "
               f"{torch_threads()} threads:\n")
@@ -325,7 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="speed benchmarks that print their figures")
     b.add_argument("what", choices=["shapes", "memory", "speed", "resolution"])
-    b.add_argument("--n", type=int, default=2000, help="shapes: samples (default 2000); resolution: test "
+    b.add_argument("--n", type=int, default=None, help="shapes: samples (default 2000); resolution: test "
                                                           "questions per task (default 200)")
     b.add_argument("--train-steps", type=int, default=None,
                    help="speed: timed llava-tiny training steps (default 20); resolution: training steps per "
