@@ -241,3 +241,23 @@ def test_resolution_bench_runs_at_a_tiny_scale(tiny_assets, tmp_path):
     assert (tmp_path / "resolution.png").stat().st_size > 0
     assert json.loads((tmp_path / "resolution.json").read_text())["rows"] == res["rows"]
     assert "AnyRes tiles | 336" in format_resolution(res["rows"])
+
+
+def test_bench_resolution_command_passes_its_budget(monkeypatch, capsys):
+    import mmkit.bench as bench
+    from mmkit.cli import main
+
+    seen = {}
+
+    def fake(steps, n, out_dir=None):
+        seen.update(steps=steps, n=n, out_dir=out_dir)
+        return {"scene_size": 128, "steps": steps, "n": n, "threads": 1,
+                "rows": [{"model": "128 px, AnyRes tiles", "image_tokens": 336, "ocr_exact": 0.5, "ocr_cer": 0.25,
+                          "vqa": 0.7, "s_per_step": 0.1, "train_s": 1.0}]}
+
+    monkeypatch.setattr(bench, "resolution_bench", fake)
+    assert main(["bench", "resolution", "--train-steps", "3", "--n", "2"]) == 0
+    assert seen == {"steps": 3, "n": 2, "out_dir": None}
+    out = capsys.readouterr().out
+    assert "| 128 px, AnyRes tiles | 336 | 0.500 | 0.250 | 0.700 |" in out
+    assert json.loads(out.strip().splitlines()[-1])["steps"] == 3
