@@ -200,6 +200,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         if args.out:
             print(f"\nwritten: {Path(args.out) / 'resolution.json'}, {Path(args.out) / 'resolution.png'}")
         _print_json_last(res)
+    return 0
 
 
 # -------------------------------------------------------------------------- export
