@@ -1,9 +1,11 @@
 """``mmkit bench memory``, ``speed`` and ``families``: what training costs, and what it buys.
 
 ``speed`` times each from-scratch bridge against its transformers class, and the
-llava-tiny training step. ``families`` (the bake-off, at the end of this file) trains every
-family on the same data for the same compute and scores them the same way. ``memory``:
-what fine-tuning a real-size VLM costs, per method and length.
+llava-tiny training step. ``families`` (the bake-off) trains every family on the same data
+for the same compute and scores them the same way. ``resolution`` (``resolution_bench``):
+what more pixels buy for reading small text, and what they cost: the tiny LLaVA at 64 px,
+at 128 px with pixel shuffle, and with AnyRes tiles, on the same scenes. ``memory``: what
+fine-tuning a real-size VLM costs, per method and length.
 
 Qwen-VL's fine-tuning guide reports, for one A100-80G (batch 1, gradient accumulation
 8, one image), GPU memory and seconds per iteration at sequence lengths 384 to 2048 for
@@ -42,7 +44,8 @@ import torch
 
 __all__ = ["METHODS", "SIZES", "bench_parts", "measure", "memory_table", "format_table", "SPEED_SIZES",
            "bridge_speed", "train_step_speed", "format_speed", "BAKEOFF", "stage_costs", "bake_off",
-           "format_bake_off", "load_bake_off", "BAKEOFF_FILE"]
+           "format_bake_off", "load_bake_off", "BAKEOFF_FILE", "RESOLUTION_VARIANTS", "resolution_recipe",
+           "resolution_bench", "format_resolution"]
 
 METHODS = ("full", "lora", "qlora")
 LORA = {"r": 16, "alpha": 32, "dropout": 0.05}
@@ -579,6 +582,85 @@ def format_bake_off(rows: Sequence[dict[str, Any]]) -> str:
                  str(r["steps"]), f"{r['s_per_step']:.2f}"]
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("\n\\* compute seconds per optimizer step: CPU time / torch threads (wall time on an idle machine)")
+# ------------------------------------------------------------------ resolution
+#: The three ways of feeding a 128-px scene to the tiny encoder (trained at 64 px), as
+#: recipe overrides on top of llava-tiny: downsize it to one 64-px view (64 tokens), run the
+#: ViT at 128 px and fold 2 x 2 patches (pixel shuffle: 64 tokens), or tile it (AnyRes: a
+#: 2 x 2 grid of 64-px crops + a global view + row newlines: 336 tokens).
+RESOLUTION_VARIANTS: dict[str, list[str]] = {
+    "64 px, one view": ["image_size=64"],
+    "128 px, pixel shuffle s=2": ["image_size=128", "bridge=pixel_shuffle", 'bridge_kwargs={"scale_factor": 2}'],
+    "128 px, AnyRes tiles": ["image_size=64", "image_mode=anyres", "anyres_grids=[[1,1],[1,2],[2,1],[2,2]]",
+                             "max_length=512"],
+}
+
+
+def resolution_recipe(overrides: Sequence[str], steps: int, scene_size: int = 128, batch_size: int | None = None):
+    """llava-tiny on ``scene_size``-px ShapesWorld scenes whose text is small
+    (``SMALL_TEXT_HEIGHT``), with OCR in the instruction mix, scaled to ``steps``; then
+    ``overrides`` (one of ``RESOLUTION_VARIANTS``)."""
+    from mmkit.data.shapes import SMALL_TEXT_HEIGHT
+    from mmkit.recipes import apply_overrides, get_recipe, scale_budget
+
+    r = get_recipe("llava-tiny")
+    r.shapes = {**r.shapes, "image_size": scene_size, "text_height": list(SMALL_TEXT_HEIGHT)}
+    r.stages[-1].tasks = {**r.stages[-1].tasks, "ocr": 3.0}
+    r = scale_budget(r, steps, batch_size)
+    return apply_overrides(r, list(overrides) + ["save_every=0"])
+
+
+def resolution_bench(steps: int = 900, n: int = 200, *, scene_size: int = 128, batch_size: int | None = None,
+                     variants: dict[str, list[str]] | None = None, out_dir: str | Path | None = None,
+                     progress: bool = False) -> dict[str, Any]:
+    """Train each variant for ``steps`` steps on the same small-text world, then measure OCR
+    (exact match, CER), VQA accuracy, image tokens per scene and the median seconds per
+    training step. ``out_dir``: ``resolution.json`` and the figure ``resolution.png``
+    (written atomically). Returns ``{"scene_size", "steps", "n", "threads", "rows"}``."""
+    import statistics
+
+    from mmkit.eval import evaluate, model_world
+    from mmkit.train import Trainer
+    from mmkit.vlm import build_model
+
+    if steps < 2:
+        raise ValueError(f"resolution_bench: steps must be >= 2 (one per stage), got {steps}")
+    rows = []
+    for name, ov in (variants or RESOLUTION_VARIANTS).items():
+        recipe = resolution_recipe(ov, steps, scene_size, batch_size)
+        model = build_model(recipe)
+        clock = _StepClock()
+        with tempfile.TemporaryDirectory() as tmp:
+            t0 = time.perf_counter()
+            Trainer(model, recipe, tmp, callbacks=[clock], progress=progress).train(resume=False)
+            train_s = time.perf_counter() - t0
+        gaps = [b - a for a, b in zip(clock.times[1:], clock.times[2:])] or [train_s]
+        world = model_world(model)
+        scene = world.sample("test", 0, "ocr")["image"]
+        ocr, vqa = evaluate(model, "ocr", n=n, world=world), evaluate(model, "vqa", n=n, world=world)
+        rows.append({"model": name, "image_tokens": len(model.expand_image(model.preprocess([scene])[0])),
+                     "ocr_exact": round(ocr["accuracy"], 4), "ocr_cer": round(ocr["cer"], 4),
+                     "vqa": round(vqa["accuracy"], 4), "s_per_step": round(statistics.median(gaps), 4),
+                     "train_s": round(train_s, 1)})
+    res = {"scene_size": scene_size, "steps": steps, "n": n, "threads": torch.get_num_threads(), "rows": rows}
+    if out_dir is not None:
+        from mmkit.viz.tiles import plot_resolution
+
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        tmp = out / ".resolution.json.tmp"
+        tmp.write_text(json.dumps(res, indent=2) + "\n")
+        os.replace(tmp, out / "resolution.json")
+        fig = plot_resolution(rows, title=f"small text at {scene_size} px, {steps} steps")
+        fig.savefig(out / ".resolution.tmp.png", dpi=120, bbox_inches="tight")
+        os.replace(out / ".resolution.tmp.png", out / "resolution.png")
+    return res
+
+
+def format_resolution(rows: Sequence[dict[str, Any]]) -> str:
+    """Markdown: one row per way of seeing the scene."""
+    lines = ["| model | image tokens | OCR exact | OCR CER | VQA | s / step |", "|---|---:|---:|---:|---:|---:|"]
+    lines += [f"| {r['model']} | {r['image_tokens']} | {r['ocr_exact']:.3f} | {r['ocr_cer']:.3f} | {r['vqa']:.3f} | "
+              f"{r['s_per_step']:.3f} |" for r in rows]
     return "\n".join(lines)
 
 

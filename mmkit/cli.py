@@ -2,7 +2,7 @@
 
     mmkit train --recipe llava-tiny [--out DIR] [--set key=value ...]
     mmkit chat  --checkpoint DIR --image PATH "question"
-    mmkit eval  --checkpoint DIR --task vqa|pope|ground|caption [--split test] [--n N] [--json] [--blind | --oracle]
+    mmkit eval  --checkpoint DIR --task vqa|pope|ground|caption|ocr [--split test] [--n N] [--json] [--blind | --oracle]
     mmkit curves DIR [DIR ...] --out FIG.png   learning curves (train --curve) side by side
     mmkit demo [--checkpoint DIR ...] [--port N] [--share]   the chat demo in the browser
     mmkit zoo build [--out DIR]      retrain the tiny pre-trained ViT and LM from scratch
@@ -11,6 +11,7 @@
     mmkit bench memory [--target]    peak memory and s/iter: full / LoRA / QLoRA x sequence length
     mmkit bench speed                each bridge vs its transformers class (fwd+bwd), llava-tiny samples/s
     mmkit bench families [--minutes M]  the bake-off: every family, same data, same compute, one table
+    mmkit bench resolution [--train-steps N] [--out DIR]   OCR / VQA / tokens / s per step: 64 px, pixel shuffle, tiles
     mmkit export --merge --checkpoint DIR --out OUT   LoRA folded into a plain LM
     mmkit recipes                    list the recipes
     mmkit env                        what torch sees (CUDA, bf16, bitsandbytes)
@@ -184,7 +185,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         rows = bridge_speed(args.model_size, repeats=args.steps)
         print(f"\nforward + backward, {args.model_size} size, {torch_threads()} threads (median of {args.steps}):\n")
         print(format_speed(rows))
-        step = train_step_speed("llava-tiny", steps=args.train_steps)
+        step = train_step_speed("llava-tiny", steps=args.train_steps or 20)
         print(f"\nllava-tiny stage {step['stage']!r}: {step['samples_per_s']} samples/s "
               f"({step['s_per_step']} s per step of {step['batch']})")
         _print_json_last({"bridges": rows, "train_step": step})
@@ -205,6 +206,19 @@ def cmd_bench(args: argparse.Namespace) -> int:
             fig.savefig(args.figure, dpi=110, bbox_inches="tight")
             print(f"learning curves: {args.figure}")
         _print_json_last({"rows": [{k: v for k, v in r.items() if k != "curve"} for r in rows]})
+    elif args.what == "resolution":
+        from mmkit.bench import format_resolution, resolution_bench
+
+        steps = args.train_steps or 900
+        n = args.n or 200
+        res = resolution_bench(steps=steps, n=n, out_dir=args.out)
+        print(f"\nsmall text at {res['scene_size']} px, {steps} steps per model, {n} test questions per task, "
+              f"{torch_threads()} threads:\n")
+        print(format_resolution(res["rows"]))
+        if args.out:
+            print(f"\nwritten: {Path(args.out) / 'resolution.json'}, {Path(args.out) / 'resolution.png'}")
+        _print_json_last(res)
+    return 0
 
 
 # -------------------------------------------------------------------------- export
@@ -287,8 +301,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="evaluate a trained model on ShapesWorld")
     e.add_argument("--checkpoint", required=True)
-    e.add_argument("--task", default="vqa", choices=["vqa", "pope", "ground", "caption", "draw"],
-                   help="draw: text -> image, for models that write images (unified-tiny)")
+    e.add_argument("--task", default="vqa", choices=["vqa", "pope", "ground", "caption", "ocr", "draw"],
+                   help="ocr: exact match and character error rate; draw: text -> image, for models that "
+                        "write images (unified-tiny)")
     e.add_argument("--split", default="test", choices=["train", "val", "test", "holdout"])
     e.add_argument("--n", type=int, default=200)
     e.add_argument("--batch-size", type=int, default=32)
@@ -328,15 +343,19 @@ def build_parser() -> argparse.ArgumentParser:
     z.set_defaults(fn=cmd_zoo)
 
     b = sub.add_parser("bench", help="speed benchmarks that print their figures")
-    b.add_argument("what", choices=["shapes", "memory", "speed", "families"])
-    b.add_argument("--n", type=int, default=None, help="shapes: samples (default 2000); families: test questions (default 200)")
+    b.add_argument("what", choices=["shapes", "memory", "speed", "families", "resolution"])
+    b.add_argument("--n", type=int, default=None, help="shapes: samples (default 2000); families: test questions "
+                                                       "(default 200); resolution: test questions per task (default 200)")
     b.add_argument("--minutes", type=float, default=3.0,
                    help="families: compute per family, minutes of the torch threads (CPU time)")
     b.add_argument("--only", default="", help="families: comma-separated recipes (default: every family)")
-    b.add_argument("--out", default="", help="families: folder for the runs (default runs/bake-off); resumes")
+    b.add_argument("--out", default=None, help="families: folder for the runs (default runs/bake-off; resumes); "
+                                               "resolution: folder for resolution.json and resolution.png")
     b.add_argument("--figure", default="", help="families: write the learning curves of all families here")
     b.add_argument("--quiet", action="store_true", help="families: no progress bars")
-    b.add_argument("--train-steps", type=int, default=20, help="speed: timed llava-tiny training steps")
+    b.add_argument("--train-steps", type=int, default=None,
+                   help="speed: timed llava-tiny training steps (default 20); resolution: training steps per "
+                        "model (default 900, llava-tiny's budget)")
     b.add_argument("--size", type=int, default=64, help="shapes: image size")
     b.add_argument("--task", default="vqa", help="shapes: task")
     b.add_argument("--model-size", default="real", choices=["real", "tiny"],

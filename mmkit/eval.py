@@ -12,6 +12,10 @@ scores the text it writes:
     caption  objects recovered from the caption by ShapesWorld's parser against the
              scene: precision, recall, F1, and CHAIR_i (share of mentioned objects that
              are not in the picture: hallucination)
+    ocr      "What is written in the image?": exact match (``accuracy``, letters and digits
+             compared upper-case, spaces and punctuation ignored) and the character error
+             rate ``cer`` (edit distance / characters of the truth, over all answers;
+             ``character_error_rate``). Small text needs pixels: ``ShapesConfig.text_height``
     draw     text -> image, for models that write pictures (``writes_images``): each
              drawing parsed back into objects (``evaluate_drawing``)
 
@@ -42,10 +46,10 @@ from torch import Tensor
 
 from mmkit.language import IMAGE_TOKEN
 
-__all__ = ["evaluate", "TASKS", "strip_images", "describe_images", "model_world", "evaluate_drawing",
+__all__ = ["evaluate", "TASKS", "character_error_rate", "edit_distance", "strip_images", "describe_images", "model_world", "evaluate_drawing",
            "itc_embed", "retrieval", "few_shot_record", "evaluate_few_shot", "FEW_SHOT_TASKS"]
 
-TASKS = ("vqa", "pope", "ground", "caption", "draw")
+TASKS = ("vqa", "pope", "ground", "caption", "ocr", "draw")
 
 
 def model_world(model, image_size: int | None = None, **config):
@@ -179,7 +183,38 @@ def _caption_metrics(records, preds) -> dict[str, Any]:
     }
 
 
-_METRICS = {"vqa": _vqa_metrics, "pope": _pope_metrics, "ground": _ground_metrics, "caption": _caption_metrics}
+def edit_distance(a: str, b: str) -> int:
+    """Levenshtein distance: the fewest insertions, deletions and substitutions from a to b."""
+    prev = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        cur = [i]
+        for j, cb in enumerate(b, 1):
+            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (ca != cb)))
+        prev = cur
+    return prev[-1]
+
+
+def _ocr_text(text: str) -> str:
+    """What OCR is scored on: letters and digits, upper-case ("kx 7." -> "KX7")."""
+    return "".join(c for c in str(text).upper() if c.isalnum())
+
+
+def character_error_rate(predictions: Sequence[str], truths: Sequence[str]) -> float:
+    """Edits needed to turn the predictions into the truths, over the truths' characters
+    (letters and digits, upper-case): 0 is perfect, 1 as many errors as characters (can
+    exceed 1 when a model writes too much)."""
+    edits = sum(edit_distance(_ocr_text(p), _ocr_text(t)) for p, t in zip(predictions, truths))
+    return edits / max(1, sum(len(_ocr_text(t)) for t in truths))
+
+
+def _ocr_metrics(records, preds) -> dict[str, Any]:
+    truths = [_answer(r) for r in records]
+    exact = [int(_ocr_text(p) == _ocr_text(t)) for p, t in zip(preds, truths)]
+    return {"accuracy": sum(exact) / max(1, len(exact)), "cer": character_error_rate(preds, truths)}
+
+
+_METRICS = {"vqa": _vqa_metrics, "pope": _pope_metrics, "ground": _ground_metrics, "caption": _caption_metrics,
+            "ocr": _ocr_metrics}
 
 
 def evaluate(
@@ -218,7 +253,7 @@ def evaluate(
     else:
         asked = [strip_images(r) for r in records] if blind else records
     if max_new_tokens is None:
-        max_new_tokens = {"vqa": 6, "pope": 4, "ground": 32, "caption": 40}[task]
+        max_new_tokens = {"vqa": 6, "pope": 4, "ground": 32, "caption": 40, "ocr": 8}[task]
     t0 = time.perf_counter()
     preds = _generate(model, asked, batch_size, max_new_tokens)
     out = {"task": task, "split": split, "n": len(records), "blind": blind}

@@ -80,7 +80,8 @@ class Recipe:
     bridge_kwargs: dict[str, Any] = field(default_factory=dict)
     feature_layer: int = -2
     image_size: int = 64
-    image_mode: str = "pad"
+    image_mode: str = "pad"  # "pad" | "resize" | "anyres" (LLaVA-NeXT tiles, mmkit.data.tiling)
+    anyres_grids: list[list[int]] | None = None  # "anyres": the [rows, cols] grids of crops it may choose
     image_wrap: list[str] | None = None
     max_length: int = 256
     # Tokenize numbers one digit per token, like Qwen / Llama (box corners become digits).

@@ -15,6 +15,11 @@ The processor has already put ``T_img`` copies of the image token where each
 mismatch between image-token positions and bridge outputs is an error, not a silent
 shift.
 
+``image_mode="anyres"`` (LLaVA-NeXT) tiles each image into encoder-size crops plus a global
+view (``mmkit.data.tiling``); every crop goes through the same encoder and bridge, and
+``AnyRes.pack`` lays the crops' tokens back on one grid with a learned ``image_newline``
+after each row.
+
 ``generate`` hands the merged embeddings to the LM's own ``generate`` (KV cache,
 sampling, stopping), so every family gets the same decoding for free.
 """
@@ -31,12 +36,63 @@ from mmkit.bridges import Bridge
 from mmkit.data.processor import Processor
 from mmkit.language import IMAGE_TOKEN
 
-__all__ = ["VLM", "VLMOutput", "MergeError", "build_model", "build_prefix", "register_family", "FAMILIES",
+__all__ = ["VLM", "VLMOutput", "MergeError", "AnyRes", "build_model", "build_prefix", "register_family", "FAMILIES",
            "family_builder", "load_parts", "vlm_options"]
 
 
 class MergeError(ValueError):
     """Image tokens in the text and image embeddings from the bridge do not match."""
+
+
+class AnyRes(nn.Module):
+    """LLaVA-NeXT's AnyRes on the model side: the learned ``image_newline`` and the packing.
+
+    ``pack(tokens, tiles)``: (1 + rows*cols, th*tw, D) bridge outputs of one tiled image ->
+    (T, D): the global view's th*tw tokens, then the crops' token grids side by side as one
+    (rows*th, cols*tw) grid, cut to the rows / columns that saw the image (not the padding),
+    with ``image_newline`` after each row (transformers' ``LlavaNextModel.pack_image_features``).
+    """
+
+    def __init__(self, grids, dim: int):
+        super().__init__()
+        from mmkit.data.tiling import parse_grids
+
+        self.grids = parse_grids(grids)
+        self.image_newline = nn.Parameter(torch.randn(dim) * dim ** -0.5)  # as LLaVA-NeXT: N(0, 1/D)
+
+    @staticmethod
+    def token_grid(bridge: Bridge, grid: tuple[int, int]) -> tuple[int, int]:
+        """Where one crop's bridge tokens lie: (h, w) for a per-patch projector, (h/s, w/s)
+        after pixel shuffle; a bridge whose tokens are not a grid (queries) cannot be tiled."""
+        h, w = grid
+        n = bridge.num_tokens(grid)
+        s = getattr(bridge, "scale_factor", 1)
+        if n == (h // s) * (w // s):
+            return h // s, w // s
+        raise ValueError(f"image_mode='anyres' needs a bridge whose tokens lie on the patch grid (linear, mlp, "
+                         f"mlp_norm, pixel_shuffle); {type(bridge).__name__} gives {n} tokens for a {h}x{w} grid. "
+                         "Use one of those bridges, or image_mode='pad'.")
+
+    def num_tokens(self, size: tuple[int, int], token_grid: tuple[int, int], crop: tuple[int, int]) -> int:
+        """LM tokens of an image of ``size`` (height, width)."""
+        from mmkit.data.tiling import anyres_tokens
+
+        return anyres_tokens(*size, crop, self.grids, token_grid)
+
+    def pack(self, tokens: Tensor, tiles, token_grid: tuple[int, int]) -> Tensor:
+        from mmkit.data.tiling import unpadded_extent
+
+        (R, C), (th, tw) = tiles.grid, token_grid
+        D = tokens.shape[-1]
+        base = tokens[0]  # (th*tw, D): the global view
+        g = tokens[1:].reshape(R, C, th, tw, D).permute(0, 2, 1, 3, 4).reshape(R * th, C * tw, D)
+        top, bottom, left, right = unpadded_extent(*tiles.size, R * th, C * tw)
+        g = g[top:bottom, left:right]  # (h, w, D): only what saw the image
+        nl = self.image_newline.to(g.dtype).expand(g.shape[0], 1, D)
+        return torch.cat([base, torch.cat([g, nl], dim=1).reshape(-1, D)])  # (th*tw + h*(w+1), D)
+
+    def extra_repr(self) -> str:
+        return f"grids={[list(g) for g in self.grids]}"
 
 
 class VLMOutput(dict):
@@ -55,7 +111,10 @@ class VLM(nn.Module):
         tokenizer: its tokenizer, with the ``<image>`` token and a chat template.
         feature_layer: which vision hidden state the bridge reads (LLaVA: -2).
         image_size: (H, W) or int; images are brought to this size by the processor.
-        image_mode: "pad" (letterbox to square, LLaVA-1.5) or "resize".
+        image_mode: "pad" (letterbox to square, LLaVA-1.5), "resize", or "anyres"
+            (LLaVA-NeXT: a grid of ``image_size`` crops chosen from ``anyres_grids`` plus
+            a global view, see ``mmkit.data.tiling``).
+        anyres_grids: the (rows, cols) grids "anyres" may choose from.
         image_wrap: optional (open, close) tokens around each image, e.g. Qwen-VL's
             ("<img>", "</img>").
         max_length: longest token sequence the processor builds.
@@ -79,6 +138,7 @@ class VLM(nn.Module):
         system_prompt: str | None = None,
         text_format: str = "chat",
         loss_on: str = "assistant",
+        anyres_grids=None,
     ):
         super().__init__()
         self.vision = vision
@@ -88,6 +148,15 @@ class VLM(nn.Module):
         self.feature_layer = feature_layer
         self.image_size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
         self.image_mode = image_mode
+        self.tiling: AnyRes | None = None
+        if image_mode == "anyres":
+            from mmkit.data.tiling import DEFAULT_GRIDS
+
+            self.tiling = AnyRes(DEFAULT_GRIDS if anyres_grids is None else anyres_grids,
+                                 lm.get_input_embeddings().embedding_dim)
+        elif anyres_grids is not None:
+            raise ValueError(f"anyres_grids is set but image_mode is {image_mode!r}; set image_mode='anyres' "
+                             "to tile images, or remove anyres_grids")
         self.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
         self.image_wrap_ids = (
             [tokenizer.convert_tokens_to_ids(t) for t in image_wrap] if image_wrap else None
@@ -103,11 +172,19 @@ class VLM(nn.Module):
         )
 
     # ------------------------------------------------------------------ images
-    def preprocess(self, images: list) -> Tensor:
-        """PIL images -> (N, 3, H, W) with the encoder's own normalisation."""
+    def preprocess(self, images: list) -> Tensor | list:
+        """PIL images -> (N, 3, H, W) with the encoder's own normalisation; in "anyres"
+        mode a list of ``mmkit.data.tiling.Tiles`` (crops + global view each)."""
+        if self.tiling is not None:
+            from mmkit.data.tiling import tile_image
+
+            return [tile_image(self.vision.preprocess, im, self.image_size, self.tiling.grids) for im in images]
         return self.vision.preprocess(images, size=self.image_size, mode=self.image_mode)
 
-    def image_grid(self, pixel_values: Tensor) -> tuple[int, int]:
+    def image_grid(self, pixel_values) -> tuple[int, int]:
+        """The patch grid of one crop (the encoder always runs at ``image_size`` when tiling)."""
+        if self.tiling is not None:
+            return self.vision.grid(self.image_size)
         return self.vision.grid(tuple(pixel_values.shape[-2:]))
 
     def pixel_dtype(self) -> torch.dtype:
@@ -125,6 +202,9 @@ class VLM(nn.Module):
             grid = self.vision.grid(self.image_size)
         else:
             grid = self.image_grid(pixel_values)
+        if self.tiling is not None:  # tiled: an image of image_size is one crop + the global view
+            size = pixel_values.size if pixel_values is not None else self.image_size
+            return self.tiling.num_tokens(size, AnyRes.token_grid(self.bridge, grid), self.image_size)
         return self.bridge.num_tokens(grid)
 
     def expand_image(self, pixel_values: Tensor) -> list[int]:
@@ -171,8 +251,17 @@ class VLM(nn.Module):
         """What ``embed`` writes at the image positions: per image, (T_i, D_lm), in order.
 
         Every image has the same size here, so this is ``encode_images`` (N_img, T_img, D);
-        families whose images differ in size (Fuyu) return a list.
+        families whose images differ in size (Fuyu) return a list. Tiled images ("anyres"):
+        every crop of every image in one encoder pass, then ``AnyRes.pack`` per image.
         """
+        if self.tiling is not None:
+            tiles = list(pixel_values)
+            if not tiles:
+                return []
+            tokens = self.encode_images(torch.cat([t.pixels for t in tiles]))  # (sum crops, th*tw, D)
+            tg = AnyRes.token_grid(self.bridge, self.image_grid(None))
+            parts = tokens.split([1 + t.num_crops for t in tiles])
+            return [self.tiling.pack(p, t, tg) for p, t in zip(parts, tiles)]
         return self.encode_images(pixel_values)
 
     def forward(
@@ -280,6 +369,8 @@ class VLM(nn.Module):
     # ------------------------------------------------------------------ groups
     def module_groups(self) -> dict[str, nn.Module]:
         """Names a training stage uses to say what is trained and what is frozen."""
+        if self.tiling is not None:  # the learned image_newline trains with the bridge
+            return {"vision": self.vision, "bridge": nn.ModuleList([self.bridge, self.tiling]), "lm": self.lm}
         return {"vision": self.vision, "bridge": self.bridge, "lm": self.lm}
 
     def param_group(self, name: str) -> str | None:
@@ -324,6 +415,9 @@ class VLM(nn.Module):
         """
         from mmkit.nn import inspect
 
+        if self.tiling is not None:
+            raise NotImplementedError("explain: maps over tiled images (image_mode='anyres') are not drawn yet; "
+                                      "inspect a model with image_mode='pad'")
         record, ids, mask, pv, labels = self.explain_batch(images, messages, answer)
         n_img = pv.shape[0]
         grid = tuple(self.image_grid(pv))
@@ -412,7 +506,7 @@ class VLM(nn.Module):
         fill = tuple(int(round(c * 255)) for c in getattr(self.vision, "image_mean", (0.5, 0.5, 0.5)))
         H, W = self.image_size
         views = [load_image(im) for im in images]  # the processor's own loading: transparency on white
-        return [letterbox(im, W / H, fill) for im in views] if self.image_mode == "pad" else views
+        return [letterbox(im, W / H, fill) for im in views] if self.image_mode in ("pad", "anyres") else views
 
 
 def answer_rows(labels: Tensor) -> Tensor:
@@ -530,6 +624,8 @@ def vlm_options(recipe, *, encoder: bool = True) -> dict[str, Any]:
                 text_format=recipe.text_format, loss_on=recipe.loss_on)
     if encoder:
         opts.update(feature_layer=recipe.feature_layer, image_mode=recipe.image_mode)
+        if recipe.image_mode == "anyres" or recipe.anyres_grids is not None:  # LLaVA-NeXT tiling (mmkit.data.tiling)
+            opts["anyres_grids"] = recipe.anyres_grids
     return opts
 
 

@@ -303,7 +303,7 @@ def collate(samples: Sequence[Encoded], *, pad_id: int, padding_side: str = "rig
 
     Returns ``input_ids`` / ``attention_mask`` / ``labels`` of shape (B, T) and
     ``pixel_values``: all images of the batch in order, stacked to (N_img, 3, H, W)
-    when they share a size, else a list (encoder-free models take any size).
+    when they share a size, else a list (encoder-free models take any size; tiled images).
     """
     if padding_side not in ("left", "right"):
         raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
@@ -321,7 +321,9 @@ def collate(samples: Sequence[Encoded], *, pad_id: int, padding_side: str = "rig
     images = [p for s in samples for p in s.pixel_values]
     pixel_values: torch.Tensor | list[torch.Tensor] | None = None
     if images:
-        same = all(p.shape == images[0].shape for p in images)
+        # tensors that share a size are stacked; other sizes, or other image objects (tiled
+        # images, ``mmkit.data.tiling.Tiles``), stay a list the model reads one by one
+        same = all(torch.is_tensor(p) and p.shape == images[0].shape for p in images)
         pixel_values = torch.stack(images) if same else images
     return {
         "input_ids": input_ids,

@@ -32,6 +32,8 @@ from __future__ import annotations
 import math
 from typing import Any, Callable, Sequence
 
+from mmkit.data import tiling
+
 __all__ = [
     "gpt4v_tokens", "llava_tokens", "llava_next_tokens", "select_best_resolution", "fuyu_tokens",
     "eve_tokens", "qwen_vl_tokens", "bridge_tokens", "image_tokens", "SCHEMES", "token_table",
@@ -77,15 +79,9 @@ LLAVA_NEXT_PINPOINTS = ((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1
 def select_best_resolution(height: int, width: int, pinpoints: Sequence[Sequence[int]] = LLAVA_NEXT_PINPOINTS
                            ) -> tuple[int, int]:
     """AnyRes: the grid resolution (height, width) that keeps the most of the image (after
-    fitting it in), and among those wastes the least padding."""
-    best, best_eff, best_waste = None, 0, float("inf")
-    for ph, pw in pinpoints:
-        scale = min(pw / width, ph / height)
-        eff = min(int(width * scale) * int(height * scale), width * height)
-        waste = pw * ph - eff
-        if eff > best_eff or (eff == best_eff and waste < best_waste):
-            best, best_eff, best_waste = (int(ph), int(pw)), eff, waste
-    return best  # type: ignore[return-value]
+    fitting it in), and among those wastes the least padding (``mmkit.data.tiling``, the
+    rule the tiling models use)."""
+    return tiling.select_best_resolution(height, width, pinpoints)
 
 
 def llava_next_tokens(width: int, height: int, crop: int = 336, patch: int = 14,
@@ -94,18 +90,15 @@ def llava_next_tokens(width: int, height: int, crop: int = 336, patch: int = 14,
 
     The tiles' feature map is (rows * 24, cols * 24) for 336 crops of 14-px patches; the
     image was padded (centred) to the grid's aspect ratio, so the padded feature rows (or
-    columns) are removed before the newline tokens are added.
+    columns) are removed before the newline tokens are added (``mmkit.data.tiling``;
+    an mmkit model with ``image_mode="anyres"`` counts the same, ``patch`` = crop side /
+    tokens per crop side).
     """
     side = crop // patch  # 24 features per crop side
     bh, bw = select_best_resolution(height, width, pinpoints)
-    cur_h, cur_w = side * (bh // crop), side * (bw // crop)
-    if width / height > cur_w / cur_h:  # wider than the grid: padding was added top and bottom
-        new_h = int(round(height * (cur_w / width), 7))
-        cur_h -= 2 * ((cur_h - new_h) // 2)
-    else:
-        new_w = int(round(width * (cur_h / height), 7))
-        cur_w -= 2 * ((cur_w - new_w) // 2)
-    return side * side + cur_h * cur_w + cur_h  # base + unpadded tiles + newlines
+    top, bottom, left, right = tiling.unpadded_extent(height, width, side * (bh // crop), side * (bw // crop))
+    rows = bottom - top
+    return side * side + rows * (right - left) + rows  # base + unpadded tiles + newlines
 
 
 def fuyu_tokens(width: int, height: int, patch: int = 30, max_w: int = 1920, max_h: int = 1080) -> int:

@@ -25,7 +25,8 @@ A **scene** is a light background (plain, or a faint texture of stripes / grid /
 
 Inside one scene each colour-shape pair occurs at most once, so "the red circle" always names
 exactly one object. Objects never overlap (rejection sampling). A scene may also carry a short
-upper-case **text** (2-4 letters/digits) rendered with the bundled DejaVu Sans Bold font, for OCR.
+upper-case **text** (2-4 letters/digits) rendered with the bundled DejaVu Sans Bold font, for OCR;
+``ShapesConfig.text_height`` sets its size (``SMALL_TEXT_HEIGHT``: legible only from 128 px on).
 
 From the scene graph we write text for every task in :data:`TASKS`:
 
@@ -106,7 +107,7 @@ from mmkit.data.grounding import Box, box_iou, find_boxes, format_box, format_re
 from mmkit.data.shapes.render import FONT_PATH, render_scene
 from mmkit.data.shapes.scene import (
     _TEXT_COLORS, COLORS, HOLDOUT_PAIRS, MULTI_QTYPES, POPE_TYPES, SHAPE_EXTENT, SHAPE_POLYGONS, SHAPES,
-    SIZE_RADIUS, SIZES, SPLITS, TASKS, TEXT_ALPHABET, VQA_QTYPES, Background, Obj, Rng, SceneSampler, Scene,
+    SIZE_RADIUS, SIZES, SMALL_TEXT_HEIGHT, SPLITS, TASKS, TEXT_ALPHABET, VQA_QTYPES, Background, Obj, Rng, SceneSampler, Scene,
     ShapesConfig, Size, TextLabel, relations,
 )
 from mmkit.data.shapes.tasks import ShapesDataset, ShapesWorld, benchmark
@@ -114,7 +115,7 @@ from mmkit.data.shapes.text import NUMBER_WORDS, PLURALS, normalize_answer, pars
 
 __all__ = [
     "COLORS", "SHAPES", "SIZES", "SPLITS", "TASKS", "HOLDOUT_PAIRS", "VQA_QTYPES", "POPE_TYPES",
-    "MULTI_QTYPES", "TEXT_ALPHABET", "FONT_PATH",
+    "MULTI_QTYPES", "TEXT_ALPHABET", "SMALL_TEXT_HEIGHT", "FONT_PATH",
     "ShapesConfig", "Obj", "TextLabel", "Background", "Scene", "ShapesWorld", "ShapesDataset",
     "Rng", "format_box", "format_ref_box", "parse_boxes", "find_boxes", "box_iou",
     "normalize_answer", "parse_caption", "benchmark",

@@ -25,7 +25,7 @@ from typing import Any, Mapping, Sequence, Union
 
 __all__ = [
     "COLORS", "SHAPES", "SIZES", "SPLITS", "TASKS", "HOLDOUT_PAIRS", "VQA_QTYPES", "POPE_TYPES",
-    "MULTI_QTYPES", "TEXT_ALPHABET", "SIZE_RADIUS", "SHAPE_POLYGONS", "SHAPE_EXTENT", "Size",
+    "MULTI_QTYPES", "TEXT_ALPHABET", "SMALL_TEXT_HEIGHT", "SIZE_RADIUS", "SHAPE_POLYGONS", "SHAPE_EXTENT", "Size",
     "Rng", "ShapesConfig", "Obj", "TextLabel", "Background", "Scene", "relations", "SceneSampler",
 ]
 
@@ -76,7 +76,11 @@ _GAP = 0.04             # minimum gap between two objects' boxes (along x or alo
 _REL_MARGIN = 0.02      # "A left of B" needs A's box to end this far before B's box starts
 _CAP_HEIGHT = 0.729     # DejaVu Sans Bold cap height in em (1493 / 2048 font units)
 _CHAR_WIDTH = 0.84      # >= the widest advance in TEXT_ALPHABET (H, N: 0.837 em); placement only
-_TEXT_HEIGHT = (0.11, 0.14)   # cap height of the OCR text
+_TEXT_HEIGHT = (0.11, 0.14)   # cap height of the OCR text (ShapesConfig.text_height's default)
+#: A cap height too small to read at 64 px (3-4 px, under half a tiny-ViT patch) that 128 px
+#: and more render legibly (6-8 px at 128, 13-15 px at 256): the high-resolution OCR world,
+#: ``ShapesConfig(image_size=128, text_height=SMALL_TEXT_HEIGHT)`` (notebook 10).
+SMALL_TEXT_HEIGHT = (0.05, 0.06)
 _TEXT_COLORS = ((20, 20, 20), (45, 45, 55), (30, 30, 80))
 _TRIES = 40             # rejection-sampling attempts per object
 
@@ -194,6 +198,7 @@ class ShapesConfig:
     large_prob: float = 0.5               # P(size == "large")
     text_prob: float = 0.2                # P(a scene carries OCR text); ocr samples always do
     text_len: tuple[int, int] = (2, 4)    # min/max characters of the OCR text
+    text_height: tuple[float, float] = _TEXT_HEIGHT  # min/max cap height of the text, units of S
     texture_prob: float = 0.3             # P(background is textured rather than plain)
     color_jitter: int = 8                 # +- per RGB channel, keeps colours distinguishable
     frequency_skew: float = 1.0           # 0 = uniform; 1 = last colour/shape half as frequent
@@ -220,6 +225,12 @@ class ShapesConfig:
         lo, hi = self.text_len
         if not 1 <= lo <= hi <= 4:
             raise ValueError(f"ShapesConfig.text_len must satisfy 1 <= min <= max <= 4, got {self.text_len}")
+        lo, hi = (float(v) for v in self.text_height)
+        if not 0.03 <= lo <= hi <= 0.2:
+            raise ValueError(f"ShapesConfig.text_height (cap height in units of the shorter side) must satisfy "
+                             f"0.03 <= min <= max <= 0.2, got {self.text_height}; e.g. SMALL_TEXT_HEIGHT "
+                             f"{SMALL_TEXT_HEIGHT} for text that needs more than 64 px")
+        self.text_height = (lo, hi)
         bad = [q for q in self.vqa_qtypes if q not in VQA_QTYPES]
         if bad or not self.vqa_qtypes:
             raise ValueError(f"ShapesConfig.vqa_qtypes: {bad or 'empty'}; choose from {VQA_QTYPES}")
@@ -489,7 +500,7 @@ class SceneSampler:
         text = None
         if wants_text or with_text:
             s = "".join(trng.choice(TEXT_ALPHABET) for _ in range(trng.randint(*cfg.text_len)))
-            h = trng.uniform(*_TEXT_HEIGHT)
+            h = trng.uniform(*cfg.text_height)
             w = len(s) * _CHAR_WIDTH * h / _CAP_HEIGHT
             color = trng.choice(_TEXT_COLORS)
             pad = 0.01
