@@ -33,6 +33,7 @@ pytestmark = pytest.mark.skipif(
     not (CHROMIUM and DRIVER),
     reason="Chromium or chromedriver is not installed (Debian: apt-get install chromium chromium-driver)")
 
+OPTIONS = "ul.option-list li[aria-label]"  # the open dropdown's entries
 README_SHOT = Path(__file__).resolve().parents[1] / "docs" / "img" / "demo.png"
 
 
@@ -85,6 +86,11 @@ def _wait(driver, cond, timeout: float = 60.0, what: str = ""):
     return WebDriverWait(driver, timeout, poll_frequency=0.1).until(safe, message=what)
 
 
+def _open(driver, url: str) -> None:
+    driver.get(url)
+    _wait(driver, lambda d: d.find_elements(By.ID, "new-scene"), 30, "the page")
+
+
 def _chat(driver) -> str:
     return driver.find_element(By.ID, "chat").text
 
@@ -96,8 +102,8 @@ def _examples(driver) -> list:
 def _pick(driver, label: str) -> None:
     box = driver.find_element(By.CSS_SELECTOR, "#model-picker input")
     box.click()
-    option = _wait(driver, lambda d: next((o for o in d.find_elements(By.CSS_SELECTOR, "ul.options li")
-                                           if o.text.strip() == label), None), 15, f"option {label}")
+    option = _wait(driver, lambda d: next((o for o in d.find_elements(By.CSS_SELECTOR, OPTIONS)
+                                           if o.get_attribute("aria-label") == label), None), 15, f"option {label}")
     option.click()
     _wait(driver, lambda d: d.find_element(By.CSS_SELECTOR, "#model-picker input").get_attribute("value") == label,
           15, f"{label} picked")
@@ -106,7 +112,9 @@ def _pick(driver, label: str) -> None:
 
 def _ask(driver, text: str, files=()) -> None:
     for f in files:
-        driver.find_element(By.CSS_SELECTOR, "#message input[type=file]").send_keys(str(f))
+        upload = driver.find_element(By.CSS_SELECTOR, "#message input[type=file]")
+        driver.execute_script("arguments[0].value = '';", upload)  # chromedriver appends to a multiple input
+        upload.send_keys(str(f))
     area = driver.find_element(By.CSS_SELECTOR, "#message textarea")
     area.send_keys(text)
     if files:  # the upload shows as a thumbnail before it is sent
@@ -118,15 +126,14 @@ def test_page_opens_with_every_shipped_model(served, browser):
     from mmkit.zoo import SHIPPED_MODELS
 
     t0 = time.perf_counter()
-    browser.get(served.local_url)
-    _wait(browser, lambda d: d.find_elements(By.ID, "new-scene"), 30, "the page")
+    _open(browser, served.local_url)
     assert time.perf_counter() - t0 < 30
     picker = browser.find_element(By.CSS_SELECTOR, "#model-picker input")
     assert picker.get_attribute("value") == f"{SHIPPED_MODELS[0]} (shipped)"  # the reference is the default
     assert "VQA" in browser.find_element(By.ID, "model-card").text
     picker.click()
-    options = [o.text.strip() for o in _wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "ul.options li"),
-                                              15, "the model list")]
+    options = [o.get_attribute("aria-label")
+               for o in _wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, OPTIONS), 15, "the model list")]
     shipped = [n for n in SHIPPED_MODELS if (served.mmkit_store.entries[0].path.parent / n).is_dir()]
     assert [o.split()[0] for o in options][:len(shipped)] == shipped
     picker.send_keys(Keys.ESCAPE)
@@ -134,6 +141,7 @@ def test_page_opens_with_every_shipped_model(served, browser):
 
 def test_each_model_new_scene_example_truth_and_inspect(served, browser, shots):
     labels = [e.label for e in served.mmkit_store.entries if e.shipped and e.error is None]
+    _open(browser, served.local_url)
     for i, label in enumerate(labels):
         if i:
             _pick(browser, label)
@@ -169,13 +177,14 @@ def test_bad_uploads_get_a_message_and_the_chat_goes_on(served, browser, shots, 
     corrupt, huge = tmp_path / "corrupt.png", tmp_path / "huge.png"
     corrupt.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4)
     huge.write_bytes(huge_png())
+    _open(browser, served.local_url)
     browser.find_element(By.ID, "new-scene").click()
     _wait(browser, lambda d: len(_examples(d)) == 5, 60, "a new scene")
     for path, phrase in ((corrupt, "corrupt"), (huge, "10000x10000")):
         n = _chat(browser).count("⚠️")
         _ask(browser, "What colour is the circle?", [path])
         _wait(browser, lambda d: _chat(d).count("⚠️") > n, 60, f"the message about {path.name}")
-        assert phrase in _chat(browser) and path.name in _chat(browser)
+        assert phrase in _chat(browser) and path.name in _chat(browser), _chat(browser)
     browser.save_screenshot(str(shots / "bad_uploads.png"))
     before = _chat(browser).count("true answer is")
     _ask(browser, "How many objects are there?")  # the scene is still the conversation's image
