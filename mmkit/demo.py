@@ -208,7 +208,8 @@ def model_card(entry: ModelEntry, reports: dict[str, dict] | None = None) -> str
         pass
     kind, papers, _ = _family_card(entry.family, bridge)
     parts = [f"**{entry.recipe}**: {kind}" + (f" ({papers})" if papers else "")]
-    rep = (_model_reports() if reports is None else reports).get(entry.recipe) if entry.shipped else None
+    # a shipped model's folder is named as zoo.SHIPPED_MODELS and report.json's "models" name it
+    rep = (_model_reports() if reports is None else reports).get(entry.path.name) if entry.shipped else None
     if rep:
         if rep.get("train_seconds"):
             threads = f" on {rep['torch_threads']} CPU threads" if rep.get("torch_threads") else ""
@@ -732,7 +733,9 @@ def build_app(store: ModelStore | Sequence[str | Path] = (), *, title: str = "mm
         notes.append(no_model_message())
     intro = [{"role": "assistant", "content": n} for n in notes]
 
-    n_examples = len(_world().config.vqa_qtypes)
+    from mmkit.data.shapes import VQA_QTYPES
+
+    n_examples = len(VQA_QTYPES)
     cards = {e.label: model_card(e) for e in store.entries}
 
     def new_state(label):
@@ -773,7 +776,7 @@ def build_app(store: ModelStore | Sequence[str | Path] = (), *, title: str = "mm
                 yield display, cleared, state, score_text(state)
             verdict = conversation.judge(turn.text, conversation.turns[-1].text)
             if verdict:
-                mark = "✓ right" if verdict["ok"] else "✗ wrong"
+                mark = "**✓ right**" if verdict["ok"] else "**✗ wrong**"
                 display.append({"role": "assistant", "content": f"{mark}: the true answer is **{verdict['truth']}** "
                                 f"(score {verdict['score'][0]} / {verdict['score'][1]})"})
             note = photo_note(turn.images, conversation.model) if files else None
@@ -833,7 +836,7 @@ def build_app(store: ModelStore | Sequence[str | Path] = (), *, title: str = "mm
             state["display"].append({"role": "assistant", "content": f"⚠️ {e}"})
             return state["display"], state, "", "", *hidden_examples()
         state["display"] += [
-            {"role": "assistant", "content": {"path": _save_drawing(scene.image, 256)}},
+            {"role": "assistant", "content": {"path": _save_drawing(scene.image, 192)}},
             {"role": "assistant", "content": f"A new ShapesWorld test scene (seed {scene.seed}), never seen in "
                                              "training. Click a question below, or type your own."}]
         try:
@@ -871,7 +874,7 @@ def build_app(store: ModelStore | Sequence[str | Path] = (), *, title: str = "mm
                     scene_btn = gr.Button("New scene", variant="primary", elem_id="new-scene", scale=2)
                     seed_box = gr.Textbox(value="", label="Seed (empty: random)", max_lines=1, scale=1,
                                           elem_id="seed")
-                chatbot = gr.Chatbot(value=intro, label="Chat", height=420, elem_id="chat")
+                chatbot = gr.Chatbot(value=intro, label="Chat", height=500, elem_id="chat")
                 scene_info = gr.Markdown("", elem_id="scene-info")
                 with gr.Row():
                     example_btns = [gr.Button(visible=False, size="sm", elem_classes=["example-question"])

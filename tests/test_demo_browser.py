@@ -18,7 +18,9 @@ import socket
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
 webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install -e '.[dev]')")
 
@@ -65,7 +67,7 @@ def browser():
     opts = webdriver.ChromeOptions()
     opts.binary_location = CHROMIUM
     for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                "--window-size=1400,1150", "--force-device-scale-factor=1"):
+                "--window-size=1400,1250", "--force-device-scale-factor=1"):
         opts.add_argument(arg)
     driver = webdriver.Chrome(service=Service(DRIVER), options=opts)
     yield driver
@@ -145,9 +147,15 @@ def test_each_model_new_scene_example_truth_and_inspect(served, browser, shots):
     for i, label in enumerate(labels):
         if i:
             _pick(browser, label)
+        seed = browser.find_element(By.CSS_SELECTOR, "#seed input, #seed textarea")
+        if i == 0:  # a typed seed (the README's picture is the same scene every time); then random ones
+            seed.send_keys("0")
+        else:
+            seed.send_keys(Keys.CONTROL, "a", Keys.BACKSPACE)
         browser.find_element(By.ID, "new-scene").click()
         buttons = _wait(browser, lambda d: len(_examples(d)) == 5 and _examples(d), 60, "5 example questions")
-        assert "seed" in browser.find_element(By.ID, "scene-info").text.lower()
+        info = browser.find_element(By.ID, "scene-info").text
+        assert "Scene seed" in info and (i > 0 or "seed 0 " in info), info
         assert browser.find_elements(By.CSS_SELECTOR, "#chat img"), "the scene is shown in the chat"
         question = buttons[0].text
         buttons[0].click()
@@ -162,6 +170,9 @@ def test_each_model_new_scene_example_truth_and_inspect(served, browser, shots):
         _wait(browser, lambda d: "What this picture means" in d.find_element(By.ID, "inspect-info").text, 90,
               f"{label}: Inspect")
         _wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#inspect-gallery img"), 30, "heatmaps")
+        if label.startswith("flamingo"):  # its gates per layer and its media mask, beside the maps
+            gallery = browser.find_element(By.ID, "inspect-gallery").get_attribute("innerHTML")
+            assert "gates" in gallery and "media mask" in gallery
         browser.save_screenshot(str(shots / f"{i}_{label.split()[0]}.png"))
         if i == 0 and os.environ.get("MMKIT_SCREENSHOT") == "1":  # the README's picture, on request only
             README_SHOT.parent.mkdir(parents=True, exist_ok=True)
@@ -189,3 +200,11 @@ def test_bad_uploads_get_a_message_and_the_chat_goes_on(served, browser, shots, 
     before = _chat(browser).count("true answer is")
     _ask(browser, "How many objects are there?")  # the scene is still the conversation's image
     _wait(browser, lambda d: _chat(d).count("true answer is") > before, 90, "the next answer")
+    # a photo: answered, with the honest note under the answer, and no verdict (no scene graph)
+    photo = tmp_path / "photo.jpg"
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (96, 128, 3), dtype=np.uint8)).save(photo)
+    _ask(browser, "What is in the image?", [photo])
+    _wait(browser, lambda d: "only know ShapesWorld" in _chat(d), 90, "the note about photos")
+    chat = _chat(browser)
+    assert chat.count("true answer is") == before + 1 and "⚠️" not in chat[chat.rindex("What is in the image?"):]

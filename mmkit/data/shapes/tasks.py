@@ -248,7 +248,7 @@ class ShapesWorld(SceneSampler):
         >>> w.answer(s, "How many objects are there?") == str(len(s.objects))
         True
         """
-        text = " ".join(question.replace("<image>", " ").lower().split()).rstrip(" ?.")
+        text = " ".join(question.lower().replace("<image>", " ").split()).rstrip(" ?.")
         for qtype, fields in _question_patterns():
             m = fields.fullmatch(text)
             if m:
