@@ -816,13 +816,26 @@ def build_app(store: ModelStore | Sequence[str | Path] = (), *, title: str = "mm
         state = new_state(label)
         return state["display"], state, [], "", "", "", *hidden_examples()
 
+    def show_scene(state, scene: DemoScene, words: str) -> None:
+        state["display"] += [{"role": "assistant", "content": {"path": _save_drawing(scene.image, 192)}},
+                             {"role": "assistant", "content": words}]
+
     def select(label, state):
+        """Another model: a new conversation, about the same generated scene if there was one
+        (its example questions stay), so models can be compared on one picture."""
+        old = state or {}
+        scene = old["conversation"].scene if old.get("conversation") is not None else old.get("scene")
         state = new_state(label)
         try:
             status = ChatSession(store.get(label), label).describe() if label else no_model_message()
         except ChatError as e:
             status = f"⚠️ {e}"
-        return (state["display"], state, [], "", status, cards.get(label, ""), "", "", *hidden_examples())
+        if scene is None:
+            return (state["display"], state, [], "", status, cards.get(label, ""), "", "", *hidden_examples())
+        state["scene"] = scene  # given to the conversation with its first question
+        show_scene(state, scene, f"The same scene (seed {scene.seed}) for {label}: click a question below.")
+        return (state["display"], state, [], "", status, cards.get(label, ""), gr.update(), "",
+                *[gr.update() for _ in range(n_examples)])
 
     def make_scene(label, seed, state):
         """A new conversation about a new test scene: its image in the chat, its example questions."""
@@ -835,10 +848,8 @@ def build_app(store: ModelStore | Sequence[str | Path] = (), *, title: str = "mm
         except ChatError as e:
             state["display"].append({"role": "assistant", "content": f"⚠️ {e}"})
             return state["display"], state, "", "", *hidden_examples()
-        state["display"] += [
-            {"role": "assistant", "content": {"path": _save_drawing(scene.image, 192)}},
-            {"role": "assistant", "content": f"A new ShapesWorld test scene (seed {scene.seed}), never seen in "
-                                             "training. Click a question below, or type your own."}]
+        show_scene(state, scene, f"A new ShapesWorld test scene (seed {scene.seed}), never seen in training. "
+                                 "Click a question below, or type your own.")
         try:
             conversation_for(state, label).set_scene(scene)
         except ChatError as e:  # no usable model: keep the scene for when one is picked
