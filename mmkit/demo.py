@@ -668,11 +668,12 @@ def _family_pictures(conversation: ChatSession, info: dict, views: Sequence) -> 
         from mmkit.bridges.flamingo import media_mask
         from mmkit.viz.core import plot_matrix
 
-        ids = model.processor([conversation.last_request["record"]])["input_ids"][:, -48:]
-        mask = media_mask(ids, marker)[0].T.float().numpy()  # (N_img, T)
-        fig = plot_matrix(mask, [f"image {i + 1}" for i in range(mask.shape[0])], None,
-                          "media mask: which tokens see which image (last 48 tokens)", colorbar=False,
-                          annotate=False, cell=0.2, xlabel="text position")
+        ids = model.processor([conversation.last_request["record"]])["input_ids"]
+        mask = media_mask(ids, marker)[0, -48:].T.float().numpy()  # (N_img, T): the last 48 tokens
+        words = [model.processor.tokenizer.decode([int(t)]).strip() or "␣" for t in ids[0, -48:]]
+        fig = plot_matrix(mask, [f"image {i + 1}" for i in range(mask.shape[0])], words,
+                          "media mask: the image each token may see (yellow)", colorbar=False,
+                          annotate=False, cell=0.25)
         out.append((_figure_image(fig), "media mask"))
     boxes = [b for _, b in find_boxes(answer)[0]]
     if boxes and views:
