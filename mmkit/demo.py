@@ -96,11 +96,14 @@ FAMILY_CARDS: dict[str, tuple[str, str, str]] = {
              "No vision encoder: the image is rows of raw patches, each row ended by a newline token; the "
              "map is the LM's attention from the answer onto those patch rows."),
     "eve": ("encoder-free", "EVE",
-            "No vision encoder: the patch embedding writes rows of patch tokens (one separator per row) "
-            "straight into the LM; the map is the LM's attention from the answer onto them."),
+            "No vision encoder: EVE's patch embedding pools raw patches into rows of tokens (one separator "
+            "per row) written straight into the LM; each map is what one of its outputs read from the patches."),
     "interleaved": ("native multimodal", "KOSMOS-1, PaLM-E",
-                    "The image sits in a document as a prefix of tokens; the map is the decoder's attention "
-                    "from the answer onto them."),
+                    "The image sits in a document as a prefix of tokens; each map is what one of the "
+                    "resampler's latents read from the patches (KOSMOS-1)."),
+    "interleaved/mlp": ("native multimodal", "PaLM-E",
+                        "The image sits in a document as a prefix, one token per patch; the map is the "
+                        "decoder's attention from the answer onto those tokens."),
     "unified": ("native multimodal (reads and draws)", "Chameleon, LVM",
                 "The image is 8x8 VQ codes in the decoder's own vocabulary; the map is its attention from "
                 "the answer onto those codes, and anything it drew is shown beside it."),

@@ -693,3 +693,36 @@ def test_app_new_scene_then_example_is_judged(app):
     assert "Score in this conversation" in final[-1]
     bad = client.predict(good, "minus one", api_name="/new_scene")
     assert "not a whole number" in _last(bad[0])
+
+
+def test_every_family_and_recipe_has_a_card():
+    """A family added to the registry without a card (what it is, its papers, what its
+    Inspect picture means) fails here."""
+    from mmkit.demo import FAMILY_CARDS, _family_card
+    from mmkit.recipes import RECIPES, get_recipe
+    from mmkit.vlm import FAMILIES
+
+    assert set(FAMILIES) <= set(FAMILY_CARDS)
+    for name in RECIPES:
+        r = get_recipe(name)
+        kind, papers, meaning = _family_card(r.family, r.bridge)
+        assert kind and papers and meaning.endswith("."), name
+
+
+@pytest.mark.parametrize("recipe", ["qwenvl-tiny", "blip2-tiny", "fuyu-tiny", "eve-tiny", "kosmos-tiny"])
+def test_inspect_works_for_each_family(tiny_assets, recipe):
+    """Each family's own ``explain`` through the demo's Inspect panel (untrained weights:
+    the pictures, not what they show, are under test)."""
+    from mmkit.demo import ChatSession, _family_card, inspect_last, new_scene
+    from mmkit.recipes import get_recipe
+    from mmkit.vlm import build_model
+
+    r = get_recipe(recipe)
+    model = build_model(r).eval()
+    conversation = ChatSession(model, recipe)
+    scene = new_scene(0)
+    conversation.set_scene(scene)
+    conversation.reply(scene.examples[0]["question"], max_new_tokens=3)
+    gallery, summary = inspect_last(conversation)
+    assert gallery and all(im.size[0] >= 256 for im, _ in gallery)
+    assert summary.startswith(f"**What this picture means:** {_family_card(r.family, r.bridge)[2]}")
