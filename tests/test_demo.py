@@ -641,7 +641,7 @@ def test_model_cards_come_from_the_report_and_the_recipe(demo_ckpt, tmp_path, mo
 
 def test_inspect_draws_each_family_picture(session, scene):
     """Flamingo's gates and media mask, a box in the answer, a drawing: each becomes a
-    picture in the gallery (llava's session stands in for the other families' answers)."""
+    picture in the gallery (a llava conversation stands in for the other families' answers)."""
     from mmkit.demo import _family_pictures, inspect_last
 
     session.reply(QUESTION, [scene], max_new_tokens=4)
