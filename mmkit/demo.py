@@ -778,16 +778,6 @@ def build_app(store: ModelStore | Sequence[str | Path] = (), *, title: str = "mm
                                           temperature=temperature):
                 display[-1] = {"role": "assistant", "content": partial or "…"}
                 yield display, cleared, state, score_text(state)
-            verdict = conversation.judge(turn.text, conversation.turns[-1].text)
-            if verdict:
-                mark = "**✓ right**" if verdict["ok"] else "**✗ wrong**"
-                display.append({"role": "assistant", "content": f"{mark}: the true answer is **{verdict['truth']}** "
-                                f"(score {verdict['score'][0]} / {verdict['score'][1]})"})
-            note = photo_note(turn.images, conversation.model) if files else None
-            if note:
-                display.append({"role": "assistant", "content": note})
-            if verdict or note:
-                yield display, cleared, state, score_text(state)
             drawn = conversation.last_drawings
             if drawn:  # a native model drew: show the pictures under its words
                 words = display[-1]["content"].replace(IMAGE_TOKEN, "").strip()
@@ -798,6 +788,17 @@ def build_app(store: ModelStore | Sequence[str | Path] = (), *, title: str = "mm
                 yield display, cleared, state, score_text(state)
             if display[-1]["content"] in ("", "…"):
                 display[-1] = {"role": "assistant", "content": "(the model answered with nothing)"}
+                yield display, cleared, state, score_text(state)
+            # the truth beside the answer (a generated scene), or the note under it (a photo)
+            verdict = conversation.judge(turn.text, conversation.turns[-1].text)
+            if verdict:
+                mark = "**✓ right**" if verdict["ok"] else "**✗ wrong**"
+                display.append({"role": "assistant", "content": f"{mark}: the true answer is **{verdict['truth']}** "
+                                f"(score {verdict['score'][0]} / {verdict['score'][1]})"})
+            note = photo_note(turn.images, conversation.model) if files else None
+            if note:
+                display.append({"role": "assistant", "content": note})
+            if verdict or note:
                 yield display, cleared, state, score_text(state)
         except Exception as e:  # noqa: BLE001 - the server stays up whatever happens
             if not isinstance(e, ChatError):  # not an input problem: a bug, show it plainly
