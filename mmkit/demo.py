@@ -14,7 +14,14 @@ run the same code:
     record         --model.generate(streamer=TextIteratorStreamer) in a thread-->
                         partial answers, one per decoded word (``ChatSession.stream``)
     last answer    --model.explain--> heatmaps over the image, gates, token costs
-                        (``inspect_last``: the "Inspect" panel)
+                        (``inspect_last``: the "Inspect" panel, with one sentence per family)
+
+A newcomer starts from **New scene** (``new_scene``): a seeded ShapesWorld *test-split*
+scene in the chat and one example question per question type, from ShapesWorld's own
+generator. Every answer about that scene is judged against the scene graph
+(``ShapesWorld.answer``, ``mmkit.eval.vqa_match``: VQA scoring's rule) with a ✓ / ✗ and a
+running score (``ChatSession.judge``). An uploaded photo gets an honest note
+(``photo_note``): the tiny models only know ShapesWorld.
 
 Every model the picker lists is a training checkpoint (``recipe.json`` +
 ``model.safetensors``): the shipped tiny models in ``assets/tiny/models/<recipe>/``
@@ -43,8 +50,9 @@ from typing import Any, Iterator, Sequence
 from mmkit.language import IMAGE_TOKEN
 
 __all__ = [
-    "ChatError", "ModelEntry", "ModelStore", "ChatSession", "discover_models", "load_images",
-    "inspect_last", "build_app", "launch", "no_model_message", "MAX_MESSAGE_CHARS", "MAX_IMAGES_PER_MESSAGE",
+    "ChatError", "ModelEntry", "ModelStore", "ChatSession", "DemoScene", "discover_models", "load_images",
+    "inspect_last", "build_app", "launch", "no_model_message", "model_card", "new_scene", "photo_note",
+    "FAMILY_CARDS", "MAX_MESSAGE_CHARS", "MAX_IMAGES_PER_MESSAGE", "PHOTO_NOTE",
 ]
 
 # Longer than any question a person types; the tiny models read 256 tokens in all.
@@ -55,6 +63,51 @@ MAX_IMAGES_PER_MESSAGE = 8
 # Tokens kept free for the question and the chat template when counting how many
 # images fit in the model's context.
 TEXT_RESERVE_TOKENS = 32
+
+
+# The note under an answer about an image that does not look like ShapesWorld.
+PHOTO_NOTE = ("ℹ️ This does not look like a ShapesWorld scene: these tiny models only know ShapesWorld, "
+              "so take the answer with a pinch of salt; for photos train `llava-hf` on a GPU "
+              "(`mmkit train --recipe llava-hf`).")
+
+# What each family is, its papers, and what its Inspect picture means. Keyed by family, or by
+# "family/bridge" where a bridge changes the story (the prefix family's Qwen-VL adapter).
+FAMILY_CARDS: dict[str, tuple[str, str, str]] = {
+    "prefix": ("projector (prefix)", "LLaVA, LLaVA-1.5",
+               "Each heatmap is the LM's attention from the words of its answer to the image's patch "
+               "tokens: the brightest patches are what the answer was read from."),
+    "prefix/qwen_vl": ("position-aware adapter", "Qwen-VL",
+                       "Each heatmap is what one of the adapter's queries read from the patches (it keeps "
+                       "their 2D positions); when the answer holds a box, it is drawn on the image."),
+    "prefix/pixel_shuffle": ("pixel shuffle", "Idefics3",
+                             "Each token stands for a block of merged patches; the heatmap is the LM's "
+                             "attention from the answer onto those blocks."),
+    "blip2": ("query transformer", "BLIP-2, MiniGPT-4",
+              "Each heatmap is one Q-Former query's cross-attention over the patches: these few queries "
+              "are all the LM ever sees of the image."),
+    "instructblip": ("query transformer", "InstructBLIP",
+                     "Each heatmap is one Q-Former query's cross-attention over the patches; the queries "
+                     "read the question too, so they change with what you ask."),
+    "flamingo": ("cross-attention", "Flamingo",
+                 "The first map follows the answer through the gated cross-attention and the resampler's "
+                 "latents onto the patches; the bars are each layer's tanh gate (0: that layer ignores the "
+                 "image); the mask shows which text token may look at which image."),
+    "fuyu": ("encoder-free", "Fuyu",
+             "No vision encoder: the image is rows of raw patches, each row ended by a newline token; the "
+             "map is the LM's attention from the answer onto those patch rows."),
+    "eve": ("encoder-free", "EVE",
+            "No vision encoder: EVE's patch embedding pools raw patches into rows of tokens (one separator "
+            "per row) written straight into the LM; each map is what one of its outputs read from the patches."),
+    "interleaved": ("native multimodal", "KOSMOS-1, PaLM-E",
+                    "The image sits in a document as a prefix of tokens; each map is what one of the "
+                    "resampler's latents read from the patches (KOSMOS-1)."),
+    "interleaved/mlp": ("native multimodal", "PaLM-E",
+                        "The image sits in a document as a prefix, one token per patch; the map is the "
+                        "decoder's attention from the answer onto those tokens."),
+    "unified": ("native multimodal (reads and draws)", "Chameleon, LVM",
+                "The image is 8x8 VQ codes in the decoder's own vocabulary; the map is its attention from "
+                "the answer onto those codes, and anything it drew is shown beside it."),
+}
 
 
 class ChatError(ValueError):
@@ -124,6 +177,109 @@ def discover_models(checkpoints: Sequence[str | Path] = (), *, shipped: bool = T
         if n > 1:
             e.label = f"{e.label} #{n}"
     return entries
+
+
+def _family_card(family: str, bridge: str | None = None) -> tuple[str, str, str]:
+    return FAMILY_CARDS.get(f"{family}/{bridge}") or FAMILY_CARDS.get(family) or (family, "", "")
+
+
+def _model_reports() -> dict[str, dict]:
+    """``assets/tiny/report.json``'s "models" section ({} when the file is missing or unreadable)."""
+    import json
+
+    from mmkit.paths import assets_dir
+    from mmkit.zoo import REPORT
+
+    try:
+        return json.loads((assets_dir() / REPORT).read_text()).get("models", {})
+    except (OSError, ValueError, AttributeError):
+        return {}
+
+
+def model_card(entry: ModelEntry, reports: dict[str, dict] | None = None) -> str:
+    """One line about a picker entry: family, papers, training time and test-split VQA
+    (from report.json's "models" section for a shipped model), or why it cannot be used."""
+    if entry.error:
+        return f"**{entry.label}**: cannot be used ({entry.error.splitlines()[0]})"
+    from mmkit.recipes import Recipe
+    from mmkit.train import RECIPE, find_checkpoint
+
+    bridge = None
+    try:
+        bridge = Recipe.from_json((find_checkpoint(entry.path) / RECIPE).read_text()).bridge
+    except Exception:  # noqa: BLE001 - the card goes without the bridge
+        pass
+    kind, papers, _ = _family_card(entry.family, bridge)
+    parts = [f"**{entry.recipe}**: {kind}" + (f" ({papers})" if papers else "")]
+    # a shipped model's folder is named as zoo.SHIPPED_MODELS and report.json's "models" name it
+    rep = (_model_reports() if reports is None else reports).get(entry.path.name) if entry.shipped else None
+    if rep:
+        if rep.get("train_seconds"):
+            threads = f" on {rep['torch_threads']} CPU threads" if rep.get("torch_threads") else ""
+            parts.append(f"trained {rep['train_seconds'] / 60:.1f} min{threads}")
+        if rep.get("vqa") is not None:
+            parts.append(f"VQA {rep['vqa']:.2f} on the test split (n = {rep.get('vqa_n', '?')})")
+    elif not entry.shipped:
+        parts.append(f"your checkpoint in {entry.path}")
+    return " · ".join(parts)
+
+
+@dataclass
+class DemoScene:
+    """A ShapesWorld test-split scene for the demo: its seed (the test-split index), the
+    image as the models saw such scenes in training and evaluation, and one example
+    question per feasible question type with its true answer."""
+
+    seed: int
+    image: Any
+    scene: Any
+    examples: list[dict]
+
+    def truth(self, question: str) -> str | None:
+        """The true answer to ``question`` when the scene graph decides it, else None."""
+        return _world().answer(self.scene, question)
+
+
+_WORLD: list = []
+
+
+def _world():
+    if not _WORLD:
+        from mmkit.data.shapes import ShapesWorld
+
+        _WORLD.append(ShapesWorld())
+    return _WORLD[0]
+
+
+def new_scene(seed: int | None = None, *, tries: int = 200) -> DemoScene:
+    """The first test-split scene at or after index ``seed`` (random when None) that every
+    question type can be asked about, with ShapesWorld's own example questions."""
+    import random
+
+    from mmkit.data.shapes import VQA_QTYPES
+
+    if seed is None:
+        seed = random.randrange(1_000_000)
+    if not isinstance(seed, int) or seed < 0:
+        raise ChatError(f"The scene seed must be a whole number >= 0, got {seed!r}.")
+    world = _world()
+    for index in range(seed, seed + tries):
+        scene = world.scene("test", index)
+        examples = world.examples(scene, key=f"demo/{index}")
+        if len(examples) == len(VQA_QTYPES):
+            return DemoScene(index, world.render(scene), scene, examples)
+    raise ChatError(f"No test scene from seed {seed} to {seed + tries - 1} can be asked every question type.")
+
+
+def photo_note(images: Sequence, model=None) -> str | None:
+    """``PHOTO_NOTE`` when a tiny (ShapesWorld-trained) model is shown an image that does not
+    look like ShapesWorld (``looks_like_shapesworld``), else None."""
+    from mmkit.data.shapes import looks_like_shapesworld
+
+    recipe = getattr(model, "recipe", None)
+    if recipe is not None and "tiny" not in (getattr(recipe, "lm", "tiny"), getattr(recipe, "vision", "tiny")):
+        return None  # a hub model: photos are what it is for
+    return PHOTO_NOTE if any(not looks_like_shapesworld(im) for im in images) else None
 
 
 def _place(model) -> Any:
@@ -238,6 +394,8 @@ class ChatSession:
         self.label = label or getattr(getattr(model, "recipe", None), "name", "model")
         self.turns: list[Turn] = []
         self.last_request: dict | None = None  # what explain() needs about the last answer
+        self.scene: DemoScene | None = None  # a generated scene the conversation is about
+        self.score = [0, 0]  # [right, judged] answers about generated scenes, this conversation
 
     # ----------------------------------------------------------------- limits
     @property
@@ -309,6 +467,10 @@ class ChatSession:
         # Typed "<image>" would become a real placeholder and break the image count.
         text = text.replace(IMAGE_TOKEN, "image")
         turn = Turn("user", text, load_images(files))
+        if turn.images:  # your own image: the conversation is no longer about the generated scene
+            self.scene = None
+        elif self.scene is not None and not any(t.images for t in self.turns):
+            turn.images = [self.scene.image]  # the scene opens the conversation's first turn
         try:  # does the whole conversation still fit? (the processor says exactly)
             n = len(self.model.processor.encode(self.record([turn]), for_generation=True))
         except ProcessorError as e:
@@ -402,6 +564,28 @@ class ChatSession:
     def clear(self) -> None:
         self.turns.clear()
         self.last_request = None
+        self.scene = None
+        self.score = [0, 0]
+
+    # ----------------------------------------------------------------- scenes
+    def set_scene(self, scene: DemoScene) -> None:
+        """Start a new conversation about a generated scene (its image goes with the next question)."""
+        self.clear()
+        self.scene = scene
+
+    def judge(self, question: str, answer: str) -> dict | None:
+        """The last answer against the scene graph: ``{"truth", "ok", "score"}``, and the
+        running score updated; None when the conversation is not about a generated scene or
+        the scene graph cannot decide the question. Matching is VQA scoring's
+        (``mmkit.eval.vqa_match``)."""
+        from mmkit.eval import vqa_match
+
+        truth = self.scene.truth(question) if self.scene is not None else None
+        if truth is None:
+            return None
+        ok = vqa_match(answer, truth)
+        self.score = [self.score[0] + ok, self.score[1] + 1]
+        return {"truth": truth, "ok": ok, "score": tuple(self.score)}
 
     # ---------------------------------------------------------------- inspect
     def explain(self) -> dict:
@@ -451,14 +635,70 @@ def inspect_last(conversation: ChatSession | None, max_maps: int = 4) -> tuple[l
         lines.append("**Gates:** none (this family has no gated layers; Flamingo does).")
     if not gallery:
         lines.append("No heatmap: this bridge's tokens do not sit on the patch grid.")
+    gallery += _family_pictures(conversation, info, views)
+    recipe = getattr(conversation.model, "recipe", None)
+    meaning = _family_card(getattr(recipe, "family", ""), getattr(recipe, "bridge", None))[2]
+    if meaning:
+        lines.insert(0, f"**What this picture means:** {meaning}")
     return gallery, "\n\n".join(lines)
 
 
+def _figure_image(fig):
+    """A matplotlib figure as a PIL image (for the gallery)."""
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    return Image.open(io.BytesIO(buf.getvalue())).convert("RGB")
+
+
+def _family_pictures(conversation: ChatSession, info: dict, views: Sequence) -> list[tuple[Any, str]]:
+    """What a family shows besides heatmaps, drawn with ``mmkit.viz``: Flamingo's gates per
+    layer and media mask, the boxes an answer holds (Qwen-VL), a native model's drawings."""
+    from mmkit.data.grounding import find_boxes
+
+    out: list[tuple[Any, str]] = []
+    model, answer = conversation.model, conversation.last_request["answer"]
+    if info.get("gates"):
+        from mmkit.viz.core import plot_bars
+
+        out.append((_figure_image(plot_bars(info["gates"], title="gates per LM layer", ylabel="|tanh alpha|")),
+                    "gates: how much each layer lets the image in"))
+    marker = getattr(model, "image_token_id", None)
+    if getattr(getattr(model, "recipe", None), "family", "") == "flamingo" and marker is not None:
+        from mmkit.bridges.flamingo import media_mask
+        from mmkit.viz.core import plot_matrix
+
+        ids = model.processor([conversation.last_request["record"]])["input_ids"]
+        mask = media_mask(ids, marker)[0, -48:].T.float().numpy()  # (N_img, T): the last 48 tokens
+        words = [model.processor.tokenizer.decode([int(t)]).strip() or "␣" for t in ids[0, -48:]]
+        fig = plot_matrix(mask, [f"image {i + 1}" for i in range(mask.shape[0])], words,
+                          "media mask: the image each token may see (yellow)", colorbar=False,
+                          annotate=False, cell=0.25)
+        out.append((_figure_image(fig), "media mask"))
+    boxes = [b for _, b in find_boxes(answer)[0]]
+    if boxes and views:
+        from mmkit.viz.boxes import draw_boxes
+
+        out.append((draw_boxes(views[0], boxes, colors=["#ff00ff", "#1f77b4", "#d62728"], scale=4),
+                    "the box(es) in the answer"))
+    out += [(im, "drawn by the model") for im in conversation.last_drawings]
+    return out
+
+
 # ----------------------------------------------------------------------------- gradio
-def _save_drawing(image) -> str:
-    """A drawn picture as a PNG in Gradio's temporary folder (the chat shows files by path)."""
+def _save_drawing(image, min_size: int = 0) -> str:
+    """A picture as a PNG in Gradio's temporary folder (the chat shows files by path),
+    upscaled (nearest, so its pixels stay visible) to at least ``min_size`` px."""
     import tempfile
 
+    from PIL import Image
+
+    scale = max(1, -(-min_size // max(image.size)))
+    if scale > 1:
+        image = image.resize((image.width * scale, image.height * scale), Image.NEAREST)
     folder = Path(os.environ.get("GRADIO_TEMP_DIR") or tempfile.gettempdir()) / "mmkit_drawings"
     folder.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile(dir=folder, suffix=".png", delete=False) as f:
@@ -497,8 +737,18 @@ def build_app(store: ModelStore | Sequence[str | Path] = (), *, title: str = "mm
         notes.append(no_model_message())
     intro = [{"role": "assistant", "content": n} for n in notes]
 
+    from mmkit.data.shapes import VQA_QTYPES
+
+    n_examples = len(VQA_QTYPES)
+    cards = {e.label: model_card(e) for e in store.entries}
+
     def new_state(label):
         return {"label": label, "conversation": None, "display": list(intro)}
+
+    def score_text(state) -> str:
+        c = (state or {}).get("conversation")
+        right, asked = c.score if c is not None else (0, 0)
+        return f"**Score in this conversation:** {right} / {asked}" if asked else ""
 
     def conversation_for(state, label) -> ChatSession:
         if state["conversation"] is None or state["label"] != label:
@@ -517,15 +767,17 @@ def build_app(store: ModelStore | Sequence[str | Path] = (), *, title: str = "mm
         shown = False
         try:
             conversation = conversation_for(state, label)
+            if state.get("scene") is not None and conversation.scene is None and not conversation.turns:
+                conversation.set_scene(state.pop("scene"))  # the model was picked after New scene
             turn = conversation.check(text, files)  # refuse before showing anything as sent
             display += _user_message(turn.text, files, True)
             display.append({"role": "assistant", "content": "…"})
             shown = True
-            yield display, cleared, state
+            yield display, cleared, state, score_text(state)
             for partial in conversation.stream(turn=turn, max_new_tokens=max_new_tokens,
                                           temperature=temperature):
                 display[-1] = {"role": "assistant", "content": partial or "…"}
-                yield display, cleared, state
+                yield display, cleared, state, score_text(state)
             drawn = conversation.last_drawings
             if drawn:  # a native model drew: show the pictures under its words
                 words = display[-1]["content"].replace(IMAGE_TOKEN, "").strip()
@@ -533,10 +785,21 @@ def build_app(store: ModelStore | Sequence[str | Path] = (), *, title: str = "mm
                 if words and words != "…":
                     display.append({"role": "assistant", "content": words})
                 display += [{"role": "assistant", "content": {"path": _save_drawing(im)}} for im in drawn]
-                yield display, cleared, state
+                yield display, cleared, state, score_text(state)
             if display[-1]["content"] in ("", "…"):
                 display[-1] = {"role": "assistant", "content": "(the model answered with nothing)"}
-                yield display, cleared, state
+                yield display, cleared, state, score_text(state)
+            # the truth beside the answer (a generated scene), or the note under it (a photo)
+            verdict = conversation.judge(turn.text, conversation.turns[-1].text)
+            if verdict:
+                mark = "**✓ right**" if verdict["ok"] else "**✗ wrong**"
+                display.append({"role": "assistant", "content": f"{mark}: the true answer is **{verdict['truth']}** "
+                                f"(score {verdict['score'][0]} / {verdict['score'][1]})"})
+            note = photo_note(turn.images, conversation.model) if files else None
+            if note:
+                display.append({"role": "assistant", "content": note})
+            if verdict or note:
+                yield display, cleared, state, score_text(state)
         except Exception as e:  # noqa: BLE001 - the server stays up whatever happens
             if not isinstance(e, ChatError):  # not an input problem: a bug, show it plainly
                 traceback.print_exc()
@@ -546,19 +809,60 @@ def build_app(store: ModelStore | Sequence[str | Path] = (), *, title: str = "mm
             else:
                 display += _user_message(text.strip(), files, False)
             display.append({"role": "assistant", "content": f"⚠️ {e}"})
-            yield display, cleared, state
+            yield display, cleared, state, score_text(state)
+
+    def ask_example(label, question, max_new_tokens, temperature, state):
+        yield from respond(label, {"text": question, "files": []}, max_new_tokens, temperature, state)
+
+    def hidden_examples():
+        return [gr.Button(visible=False) for _ in range(n_examples)]
 
     def clear(label, state):
         state = new_state(label)
-        return state["display"], state, [], ""
+        return state["display"], state, [], "", "", "", *hidden_examples()
+
+    def show_scene(state, scene: DemoScene, words: str) -> None:
+        state["display"] += [{"role": "assistant", "content": {"path": _save_drawing(scene.image, 192)}},
+                             {"role": "assistant", "content": words}]
 
     def select(label, state):
+        """Another model: a new conversation, about the same generated scene if there was one
+        (its example questions stay), so models can be compared on one picture."""
+        old = state or {}
+        scene = old["conversation"].scene if old.get("conversation") is not None else old.get("scene")
         state = new_state(label)
         try:
             status = ChatSession(store.get(label), label).describe() if label else no_model_message()
         except ChatError as e:
             status = f"⚠️ {e}"
-        return state["display"], state, [], "", status
+        if scene is None:
+            return (state["display"], state, [], "", status, cards.get(label, ""), "", "", *hidden_examples())
+        state["scene"] = scene  # given to the conversation with its first question
+        show_scene(state, scene, f"The same scene (seed {scene.seed}) for {label}: click a question below.")
+        return (state["display"], state, [], "", status, cards.get(label, ""), gr.update(), "",
+                *[gr.update() for _ in range(n_examples)])
+
+    def make_scene(label, seed, state):
+        """A new conversation about a new test scene: its image in the chat, its example questions."""
+        state = new_state(label)
+        try:
+            seed = str(seed or "").strip()
+            if seed and not seed.isdigit():
+                raise ChatError(f"The seed {seed!r} is not a whole number >= 0; type one, or leave it empty.")
+            scene = new_scene(int(seed) if seed else None)
+        except ChatError as e:
+            state["display"].append({"role": "assistant", "content": f"⚠️ {e}"})
+            return state["display"], state, "", "", *hidden_examples()
+        show_scene(state, scene, f"A new ShapesWorld test scene (seed {scene.seed}), never seen in training. "
+                                 "Click a question below, or type your own.")
+        try:
+            conversation_for(state, label).set_scene(scene)
+        except ChatError as e:  # no usable model: keep the scene for when one is picked
+            state["scene"] = scene
+            state["display"].append({"role": "assistant", "content": f"⚠️ {e}"})
+        buttons = [gr.Button(value=e["question"], visible=True) for e in scene.examples]
+        buttons += [gr.Button(visible=False) for _ in range(n_examples - len(buttons))]
+        return (state["display"], state, f"**Scene seed {scene.seed}** (ShapesWorld test split)", "", *buttons)
 
     def inspect(state):
         conversation = (state or {}).get("conversation")
@@ -571,19 +875,30 @@ def build_app(store: ModelStore | Sequence[str | Path] = (), *, title: str = "mm
             return [], f"⚠️ Something went wrong inside mmkit ({type(e).__name__}: {e}); see the console."
 
     with gr.Blocks(title=title, analytics_enabled=False) as app:
-        gr.Markdown(f"# {title}\nUpload image(s), ask, and watch the answer stream in. "
-                    "**Inspect** shows what the model looked at for its last answer.")
+        gr.Markdown(f"# {title}\nPress **New scene** for a ShapesWorld picture the models never saw, "
+                    "click a question and see the answer stream in next to the truth; or upload your own "
+                    "image(s). **Inspect** shows what the model looked at for its last answer.")
         state = gr.State(None)
         with gr.Row():
             with gr.Column(scale=3):
                 picker = gr.Dropdown(choices=labels, value=labels[0] if labels else None,
-                                     label="Model", allow_custom_value=False)
+                                     label="Model", allow_custom_value=False, elem_id="model-picker")
+                card = gr.Markdown(cards.get(labels[0], "") if labels else "", elem_id="model-card")
                 status = gr.Markdown("The model loads on first use (a few seconds for a tiny one)."
                                      if labels else "No model available yet: see the chat.")
-                chatbot = gr.Chatbot(value=intro, label="Chat", height=420)
+                with gr.Row(equal_height=True):
+                    scene_btn = gr.Button("New scene", variant="primary", elem_id="new-scene", scale=2)
+                    seed_box = gr.Textbox(value="", label="Seed (empty: random)", max_lines=1, scale=1,
+                                          elem_id="seed")
+                chatbot = gr.Chatbot(value=intro, label="Chat", height=500, elem_id="chat")
+                scene_info = gr.Markdown("", elem_id="scene-info")
+                with gr.Row():
+                    example_btns = [gr.Button(visible=False, size="sm", elem_classes=["example-question"])
+                                    for _ in range(n_examples)]
+                score = gr.Markdown("", elem_id="score")
                 box = gr.MultimodalTextbox(file_count="multiple", sources=["upload"],
                                            placeholder="Ask about the image(s)… (attach with the clip)",
-                                           show_label=False)
+                                           show_label=False, elem_id="message")
                 with gr.Row():
                     clear_btn = gr.Button("Clear")
                 with gr.Accordion("Generation settings", open=False):
@@ -592,13 +907,24 @@ def build_app(store: ModelStore | Sequence[str | Path] = (), *, title: str = "mm
                                             label="Temperature (0 = greedy)")
             with gr.Column(scale=2):
                 gr.Markdown("## Inspect")
-                inspect_btn = gr.Button("Inspect the last answer")
-                gallery = gr.Gallery(label="Where the model looked", columns=2, height=360, format="png")
-                info = gr.Markdown("")
-        box.submit(respond, [picker, box, max_tokens, temperature, state], [chatbot, box, state],
+                inspect_btn = gr.Button("Inspect the last answer", elem_id="inspect")
+                gallery = gr.Gallery(label="Where the model looked", columns=2, height=360, format="png",
+                                     elem_id="inspect-gallery")
+                info = gr.Markdown("", elem_id="inspect-info")
+                with gr.Accordion("The models", open=False):
+                    gr.Markdown("\n".join(f"- {c}" for c in cards.values()) or "(none)")
+        box.submit(respond, [picker, box, max_tokens, temperature, state], [chatbot, box, state, score],
                    api_name="chat")
-        clear_btn.click(clear, [picker, state], [chatbot, state, gallery, info], api_name="clear")
-        picker.change(select, [picker, state], [chatbot, state, gallery, info, status], api_name="select")
+        for btn in example_btns:
+            btn.click(ask_example, [picker, btn, max_tokens, temperature, state], [chatbot, box, state, score],
+                      api_name=False)
+        scene_btn.click(make_scene, [picker, seed_box, state], [chatbot, state, scene_info, score, *example_btns],
+                        api_name="new_scene")
+        clear_btn.click(clear, [picker, state], [chatbot, state, gallery, info, scene_info, score, *example_btns],
+                        api_name="clear")
+        picker.change(select, [picker, state],
+                      [chatbot, state, gallery, info, status, card, scene_info, score, *example_btns],
+                      api_name="select")
         inspect_btn.click(inspect, [state], [gallery, info], api_name="inspect")
     app.mmkit_store = store
     return app

@@ -46,7 +46,8 @@ from torch import Tensor
 
 from mmkit.language import IMAGE_TOKEN
 
-__all__ = ["evaluate", "TASKS", "character_error_rate", "edit_distance", "strip_images", "describe_images", "model_world", "evaluate_drawing",
+__all__ = ["evaluate", "vqa_match", "TASKS", "character_error_rate", "edit_distance", "strip_images", "describe_images",
+           "model_world", "evaluate_drawing",
            "itc_embed", "retrieval", "few_shot_record", "evaluate_few_shot", "FEW_SHOT_TASKS"]
 
 TASKS = ("vqa", "pope", "ground", "caption", "ocr", "draw")
@@ -108,12 +109,18 @@ def _generate(model, records: list[dict], batch_size: int, max_new_tokens: int) 
     return preds
 
 
-def _vqa_metrics(records, preds) -> dict[str, Any]:
+def vqa_match(prediction: str, truth: str) -> bool:
+    """VQA scoring's one rule: exact match after ``normalize_answer`` (case, punctuation,
+    articles, spelling variants: "The Red." matches "red", "two" matches "2")."""
     from mmkit.data.shapes import normalize_answer
 
+    return normalize_answer(prediction) == normalize_answer(truth)
+
+
+def _vqa_metrics(records, preds) -> dict[str, Any]:
     per: dict[str, list[int]] = defaultdict(list)
     for r, p in zip(records, preds):
-        ok = int(normalize_answer(p) == normalize_answer(_answer(r)))
+        ok = int(vqa_match(p, _answer(r)))
         per[r.get("meta", {}).get("qtype", "all")].append(ok)
     allv = [v for vs in per.values() for v in vs]
     return {

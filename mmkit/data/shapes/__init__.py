@@ -104,7 +104,7 @@ from __future__ import annotations
 # Importable from here besides __all__: the geometry and OCR inks that mmkit.native's drawing
 # checker reads, render_scene, relations, the word lists, the Box type, SceneSampler and to_box.
 from mmkit.data.grounding import Box, box_iou, find_boxes, format_box, format_ref_box, parse_boxes, to_box
-from mmkit.data.shapes.render import FONT_PATH, render_scene
+from mmkit.data.shapes.render import FONT_PATH, looks_like_shapesworld, render_scene
 from mmkit.data.shapes.scene import (
     _TEXT_COLORS, COLORS, HOLDOUT_PAIRS, MULTI_QTYPES, POPE_TYPES, SHAPE_EXTENT, SHAPE_POLYGONS, SHAPES,
     SIZE_RADIUS, SIZES, SMALL_TEXT_HEIGHT, SPLITS, TASKS, TEXT_ALPHABET, VQA_QTYPES, Background, Obj, Rng, SceneSampler, Scene,
@@ -118,5 +118,5 @@ __all__ = [
     "MULTI_QTYPES", "TEXT_ALPHABET", "SMALL_TEXT_HEIGHT", "FONT_PATH",
     "ShapesConfig", "Obj", "TextLabel", "Background", "Scene", "ShapesWorld", "ShapesDataset",
     "Rng", "format_box", "format_ref_box", "parse_boxes", "find_boxes", "box_iou",
-    "normalize_answer", "parse_caption", "benchmark",
+    "normalize_answer", "parse_caption", "benchmark", "looks_like_shapesworld",
 ]

@@ -17,7 +17,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from mmkit.data.shapes.scene import _CAP_HEIGHT, SHAPE_POLYGONS, Background, Rng, Scene, Size, _parse_size
 
-__all__ = ["FONT_PATH", "render_scene"]
+__all__ = ["FONT_PATH", "render_scene", "looks_like_shapesworld"]
 
 #: The bundled font (DejaVu Sans Bold, Bitstream Vera license, see mmkit/fonts/).
 FONT_PATH = Path(__file__).resolve().parents[2] / "fonts" / "DejaVuSans-Bold.ttf"
@@ -102,3 +102,26 @@ def render_scene(scene: Scene, size: Size) -> Image.Image:
         ImageDraw.Draw(img).text((t.cx * W, t.cy * H + t.h * S / 2), t.text, fill=t.rgb,
                                  font=font, anchor="ms")
     return img
+
+
+def looks_like_shapesworld(image, *, light_share: float = 0.35, known_share: float = 0.85) -> bool:
+    """Could ``image`` be a ShapesWorld scene? A cheap pixel test, no model.
+
+    A scene is mostly its light background (every channel >= 222, texture ink a little
+    darker) and the rest is drawn in :data:`COLORS` or the OCR inks (anti-aliased edges
+    aside). The image is box-downsampled to 64 px; it passes when at least ``light_share``
+    of its pixels are light and at least ``known_share`` are light or within 48 (per
+    channel) of a palette colour. A photo fails both: its colours are everywhere.
+    """
+    import numpy as np
+
+    from mmkit.data.shapes.scene import _TEXT_COLORS, COLORS
+
+    img = image.convert("RGB")
+    if max(img.size) > 64:
+        img = img.resize((64, 64), Image.BOX)
+    a = np.asarray(img, dtype=np.int16).reshape(-1, 1, 3)                      # (P, 1, 3)
+    palette = np.array([*COLORS.values(), *_TEXT_COLORS], dtype=np.int16)[None]  # (1, K, 3)
+    light = a[:, 0].min(-1) >= 200
+    near = np.abs(a - palette).max(-1).min(-1) <= 48
+    return bool(light.mean() >= light_share and (light | near).mean() >= known_share)

@@ -10,6 +10,7 @@ with mixtures of tasks and a plain-text corpus for language-model pre-training o
 """
 from __future__ import annotations
 
+import re
 import time
 from typing import Any, Iterator, Mapping, Sequence
 
@@ -74,6 +75,24 @@ _T_MULTI = {
     "which_has": ("Which picture contains a {color} {shape}?", "In which picture is there a {color} {shape}?"),
     "both_have": ("Do both pictures contain a {shape}?", "Is there a {shape} in both pictures?"),
 }
+
+
+def _question_patterns() -> list[tuple[str, "re.Pattern[str]"]]:
+    """Every VQA template as a regular expression (what ``ShapesWorld.answer`` reads back)."""
+    word, name = r"(?P<{}>[a-z]+)", r"(?P<{}>[a-z]+ [a-z]+)"
+    rels = "|".join(re.escape(v) for vs in _REL_VARIANTS.values() for v in vs)
+    slots = {"shape": word.format("shape"), "color": word.format("color"), "plural": word.format("plural"),
+             "a": name.format("a"), "b": name.format("b"), "rel": f"(?P<rel>{rels})"}
+    out = []
+    for qtype, templates in (("color", _T_COLOR), ("shape", _T_SHAPE), ("count", _T_COUNT_SHAPE),
+                             ("count", _T_COUNT_COLOR), ("count", _T_COUNT_ALL), ("exists", _T_EXISTS),
+                             ("relation", _T_RELATION)):
+        for t in templates:
+            pattern = re.escape(t.lower().rstrip("?."))
+            for k, v in slots.items():
+                pattern = pattern.replace(re.escape("{" + k + "}"), v)
+            out.append((qtype, re.compile(pattern)))
+    return out
 
 
 # ------------------------------------------------------------------------------------------------
@@ -212,6 +231,54 @@ class ShapesWorld(SceneSampler):
             meta["target"] = pair
         meta["answer"] = a
         return q, a, meta
+
+    def examples(self, scene: Scene, key: str = "examples") -> list[dict]:
+        """One VQA question per feasible type of :data:`VQA_QTYPES` about ``scene``, each with
+        its true answer: ``[{"qtype", "question", "answer"}]``, deterministic in ``key``."""
+        return [dict(zip(("question", "answer"), self.vqa(scene, Rng(f"{key}/{qt}"), qt)[:2]), qtype=qt)
+                for qt in VQA_QTYPES if qt in self._feasible_qtypes(scene)]
+
+    def answer(self, scene: Scene, question: str) -> str | None:
+        """The true answer to a question phrased as :meth:`vqa` phrases them (any of its
+        templates, any case, "?" optional), read off the scene graph; None when the question
+        is not one of those phrasings, names a colour or shape the world does not have, or
+        the scene cannot decide it (two circles for "What colour is the circle?").
+
+        >>> w = ShapesWorld(); s = w.scene("test", 0)
+        >>> w.answer(s, "How many objects are there?") == str(len(s.objects))
+        True
+        """
+        text = " ".join(question.lower().replace("<image>", " ").split()).rstrip(" ?.")
+        for qtype, fields in _question_patterns():
+            m = fields.fullmatch(text)
+            if m:
+                return self._answer_from(scene, qtype, m.groupdict())
+        return None
+
+    def _answer_from(self, scene: Scene, qtype: str, g: dict[str, str]) -> str | None:
+        colors, shapes = set(self.config.colors), set(self.config.shapes)
+        shape, color = g.get("shape"), g.get("color")
+        if g.get("plural") not in (None, "objects", "shapes"):  # "How many circles", not "... objects"
+            shape = {p: s for s, p in PLURALS.items()}.get(g["plural"], "?")
+        if (color and color not in colors) or (shape and shape not in shapes):
+            return None
+        if qtype == "color":
+            found = [o for o in scene.objects if o.shape == shape]
+            return found[0].color if len(found) == 1 else None
+        if qtype == "shape":
+            found = [o for o in scene.objects if o.color == color]
+            return found[0].shape if len(found) == 1 else None
+        if qtype == "count":
+            return str(scene.count(color=color, shape=shape))
+        if qtype == "exists":
+            return "yes" if scene.has(color, shape) else "no"
+        pair = [tuple(g[k].split()) for k in ("a", "b")]  # relation: "red circle" -> ("red", "circle")
+        objs = [scene.find(*p) for p in pair]
+        if None in objs:
+            return None
+        rel = next(r for r, words in _REL_VARIANTS.items() if g["rel"] in words)
+        held = relations(objs[0], objs[1])
+        return "yes" if rel in held else "no" if _OPPOSITE[rel] in held else None
 
     def pope(self, scene: Scene, rng: Rng, pope_type: str | None = None, label: str | None = None) -> tuple[str, str, dict]:
         """A POPE probe: ``(question, "yes" | "no", meta)``.
