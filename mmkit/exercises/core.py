@@ -141,6 +141,11 @@ class Exercise:
     notebook: str
     task: str
     check: Callable[..., bool]
+    answer: str = ""  # the name the student's code defines, when not ``name`` (a library name it must not shadow)
+
+    @property
+    def defines(self) -> str:
+        return self.answer or self.name
 
 
 EXERCISES: dict[str, Exercise] = {}
@@ -206,7 +211,7 @@ def _reference(name: str) -> Callable:
     _load_all()
     ns: dict[str, Any] = {}
     exec(compile(_SOLUTIONS[name], f"<solution {name}>", "exec"), ns)  # noqa: S102 - our own source
-    return ns[name]
+    return ns[EXERCISES[name].defines]
 
 
 # ---------------------------------------------------------------- a student's progress
