@@ -27,6 +27,7 @@ __all__ = ["ROLES", "notebooks_dir", "exercise_cells", "export", "nbgrader_meta"
 ROLES = ("student", "instructor")
 _SOLUTION_CALL = re.compile(r"^\s*#?\s*solution\(.*\)\s*(#.*)?$")
 _IMPORT = re.compile(r"^(\s*from mmkit\.exercises import )(.+)$")
+_DEFINES = re.compile(r"^(?:def|class) (\w+)\(", re.M)
 
 
 def notebooks_dir() -> Path:
@@ -109,13 +110,19 @@ def export(out: str | Path, role: str = "student", notebooks: Iterable[str | Pat
             if name not in EXERCISES:
                 raise ValueError(f"{path.name}, cell {i}: nbgrader grade_id {name!r} is not an exercise of "
                                  "mmkit.exercises; fix the cell's metadata")
+        # a skeleton cell without metadata yet is still found by the name it defines
+        defines = {e.defines: e.name for e in list_exercises(path.stem)}
         for cell in nb.get("cells", []):
             if cell.get("cell_type") != "code":
                 continue
             cell["outputs"], cell["execution_count"] = [], None
-            meta = cell.get("metadata", {}).get("nbgrader", {})
-            if role == "instructor" and meta.get("solution"):
-                _set_source(cell, _SOLUTIONS[meta["grade_id"]].rstrip("\n"))
+            name = cell.get("metadata", {}).get("nbgrader", {}).get("solution") and \
+                cell["metadata"]["nbgrader"]["grade_id"]
+            if not name and "# YOUR CODE HERE" in _source(cell):
+                m = _DEFINES.search(_source(cell))
+                name = defines.get(m.group(1)) if m else None
+            if role == "instructor" and name:
+                _set_source(cell, _SOLUTIONS[name].rstrip("\n"))
             elif role == "student":
                 _set_source(cell, _strip_solution_hints(_source(cell)))
         dst = out / path.name
