@@ -137,3 +137,17 @@ def test_shipped_results_read_the_report():
         zoo.shipped_results("gpt-tiny")
     with pytest.raises(FileNotFoundError, match="zoo models --only gpt-tiny"):
         zoo.shipped_dir("gpt-tiny")
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
+def test_skeleton_cells_run_and_their_checks_say_not_written_yet(path, capsys):
+    """What a student sees before writing anything: the skeleton cell runs, the check prints."""
+    nb = _nb(path)
+    for i, name in course.exercise_cells(nb):
+        if ex.EXERCISES[name].defines[0].islower() and name != "positions_2d":
+            continue  # the function exercises are covered by tests/test_exercises.py
+        ns: dict = {}
+        exec(compile(_src(nb["cells"][i]), f"<{path.stem} cell {i}>", "exec"), ns)
+        assert not ex.check(name, ns[ex.EXERCISES[name].defines])
+        out = capsys.readouterr().out
+        assert "not written yet" in out and f"solution('{name}')" in out, out

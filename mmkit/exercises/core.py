@@ -55,14 +55,15 @@ def _say(ok: bool, msg: str) -> bool:
 
 def _call(fn: Callable, *args: Any, what: str = "") -> Any:
     """Call the student's function; turn 'not written yet' and crashes into _NotDone."""
-    name = getattr(fn, "__name__", None) or f"{type(fn).__name__}.forward"  # a function, a class, a module
+    exercise = getattr(fn, "__name__", None) or type(fn).__name__  # a function, a class, or a module built from one
+    name = getattr(fn, "__name__", None) or f"{exercise}.forward"
     if not callable(fn):
         raise _NotDone(f"expected a function, got {type(fn).__name__}: pass the function itself, e.g. check_x(x), not x(...)")
     try:
         out = fn(*args)
     except NotImplementedError:
         raise _NotDone(f"{name} is not written yet: replace `raise NotImplementedError` with your code "
-                       f"(solution({name!r}) shows a reference answer).") from None
+                       f"(solution({exercise!r}) shows a reference answer).") from None
     except Exception as e:  # noqa: BLE001 - a student's bug must not stop the notebook
         tb = traceback.extract_tb(e.__traceback__)
         where = next((f" (line {f.lineno}: {f.line})" for f in reversed(tb) if f.line), "")
