@@ -18,6 +18,12 @@ exercises still runs top to bottom (``pytest --nbmake``).
     solution("patchify")            # prints the reference implementation
     check("patchify", patchify)     # the same check, by name (any notebook's exercise)
 
+Build-up exercises ask for a whole module (``MLPProjector``, ``QFormerLayer``,
+``PerceiverBlock``, ``GatedXAttnDense``, ``LoRALinear``) or a mechanism's core function
+(``positions_2d``, ``patch_rows``, ``ema_update``): the check loads the library's weights into
+the student's module and compares outputs. ``progress()`` shows what this user has solved,
+``reset(name)`` forgets it.
+
 ``core`` holds the framework (``register``, ``check``, ``solution``, the registry); each
 notebook's exercises live in a module of their own (``tour`` for 00, ``vision_encoder``
 for 01, ``llava`` for 02, ``blip2`` for 03, ...) that calls
