@@ -62,8 +62,8 @@ _DIAGRAMS: dict[str, tuple[str, list[_Box], list[tuple[str, ...]]]] = {
         ("pos", 4.2, 5.0, "2D sin-cos positions\nqueries: 8 x 8 grid; keys:\nresized to the 16 x 16 patches", "data"),
         ("ad", 4.2, 3.2, "position-aware adapter\n64 learned queries (+pos)\ncross-attend keys (+pos), values\n"
                          "-> (64, 192)", "trained"),
-        ("lm", 7.4, 3.2, "LM\n<img> 64 tokens </img>\nwrites <box>(x1,y1),(x2,y2)</box>", "lm"),
-        ("out", 7.4, 1.4, "answers and boxes\nas text", "data"),
+        ("lm", 7.9, 3.2, "LM\n<img> 64 tokens </img>\nwrites <box>(x1,y1),(x2,y2)</box>", "lm"),
+        ("out", 7.9, 1.4, "answers and boxes\nas text", "data"),
     ], [("img", "vit"), ("vit", "ad"), ("pos", "ad"), ("ad", "lm"), ("lm", "out")]),
     "encoder_free": ("Encoder-free: Fuyu (one linear layer) and EVE (a Patch Embedding Layer)", [
         ("img", 1.2, 4.8, "image, any aspect ratio\n(3, H, W)", "data"),
