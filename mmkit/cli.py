@@ -244,6 +244,38 @@ def cmd_recipes(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_course(args: argparse.Namespace) -> int:
+    if args.action == "export":
+        from mmkit.course import export
+
+        if bool(args.student) == bool(args.instructor):
+            print("mmkit course export: give exactly one of --student OUT or --instructor OUT", file=sys.stderr)
+            return 2
+        role, out = ("student", args.student) if args.student else ("instructor", args.instructor)
+        paths = export(out, role)
+        print(f"{len(paths)} {role} notebooks written to {out}"
+              + (" (no reference answers)" if role == "student" else " (exercises filled with the reference answers)"))
+    elif args.action == "diagrams":
+        from mmkit.viz.diagrams import save_bridge_diagrams
+
+        for path in save_bridge_diagrams(args.out):
+            print(path)
+    elif args.action == "progress":
+        from mmkit.exercises import progress
+
+        progress()
+    else:  # reset
+        from mmkit.exercises import reset
+
+        try:
+            reset(args.name)
+        except KeyError as e:
+            print(f"mmkit course reset: {e.args[0]}", file=sys.stderr)
+            return 2
+        print(f"progress of {args.name or 'every exercise'} forgotten")
+    return 0
+
+
 def cmd_env(args: argparse.Namespace) -> int:
     import platform
 
@@ -375,6 +407,14 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--out", required=True)
     x.add_argument("--merge", action="store_true", help="fold the LoRA adapters into the LM weights")
     x.set_defaults(fn=cmd_export)
+
+    co = sub.add_parser("course", help="the course pack: student / instructor notebooks, diagrams, progress")
+    co.add_argument("action", choices=("export", "diagrams", "progress", "reset"))
+    co.add_argument("name", nargs="?", default=None, help="reset: the exercise to forget (default: every one)")
+    co.add_argument("--student", metavar="OUT", help="export: notebooks without reference answers")
+    co.add_argument("--instructor", metavar="OUT", help="export: notebooks with every exercise solved")
+    co.add_argument("--out", default="docs/course/img", help="diagrams: the folder for the PNGs")
+    co.set_defaults(fn=cmd_course)
 
     r = sub.add_parser("recipes", help="list the recipes")
     r.set_defaults(fn=cmd_recipes)

@@ -5,6 +5,8 @@ Kept tiny and dependency-free so that any module (vision, language, zoo, cli) ca
 
     assets_dir()                 -> <repo>/assets, or $MMKIT_ASSETS when set
     assets_dir() / "tiny/vision" -> the tiny pre-trained ViT (built by `mmkit zoo build`)
+    run_mode("classroom")        -> "smoke" / "classroom" / "full" (SMOKE=1 forces "smoke")
+    cache_dir()                  -> per-user state (exercise progress), or $MMKIT_CACHE
 """
 from __future__ import annotations
 
@@ -26,3 +28,43 @@ def assets_dir() -> Path:
     if override:
         return Path(override).expanduser()
     return Path(__file__).resolve().parent.parent / "assets"
+
+
+# ---------------------------------------------------------------- run modes and user state
+ENV_CACHE = "MMKIT_CACHE"
+ENV_MODE = "MMKIT_MODE"
+MODES = {
+    "smoke": "every step shrinks to seconds (what the tests and CI run); numbers are placeholders",
+    "classroom": "long training is replaced by the shipped reference checkpoints in assets/tiny/models; "
+                 "your own short runs stay",
+    "full": "everything is trained, as in the papers' recipes (minutes to tens of minutes per notebook on a CPU)",
+}
+
+
+def run_mode(mode: str | None = None) -> str:
+    """The run mode of a notebook: ``"smoke"``, ``"classroom"`` or ``"full"``.
+
+    A notebook's first code cell says ``MODE = mmkit.mode("classroom")``; edit the word to
+    change it, inside Jupyter. The environment wins over the cell: ``SMOKE=1`` always means
+    ``"smoke"`` (that is how CI runs every notebook), and ``MMKIT_MODE=full`` sets the mode
+    for every notebook of a session. Without either, ``mode`` is used (default ``"classroom"``).
+    """
+    if os.environ.get("SMOKE") == "1":
+        return "smoke"
+    chosen = os.environ.get(ENV_MODE) or mode or "classroom"
+    key = str(chosen).strip().lower()
+    if key not in MODES:
+        source = f"the environment variable {ENV_MODE}" if os.environ.get(ENV_MODE) else "mmkit.mode(...)"
+        raise ValueError(f"unknown run mode {chosen!r} (from {source}); choose one of: "
+                         + "; ".join(f"{k!r}: {v}" for k, v in MODES.items()))
+    return key
+
+
+def cache_dir() -> Path:
+    """Per-user folder for small state (exercise progress): ``$MMKIT_CACHE``, else
+    ``$XDG_CACHE_HOME/mmkit``, else ``~/.cache/mmkit``. Not created here."""
+    override = os.environ.get(ENV_CACHE)
+    if override:
+        return Path(override).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base).expanduser() / "mmkit"

@@ -39,7 +39,8 @@ from mmkit.pretrain.lm import build_tokenizer, train_lm
 from mmkit.pretrain.probes import linear_probe, retrieval_r1
 
 __all__ = ["build", "info", "load_tiny", "VISION_DIR", "LM_DIR", "build_models", "ship_checkpoint", "model_report",
-           "SHIPPED_MODELS", "MODELS_DIR", "REFERENCE_BUDGETS", "SETTINGS",
+           "SHIPPED_MODELS", "MODELS_DIR", "REFERENCE_BUDGETS", "SETTINGS", "shipped_dir", "load_shipped",
+           "shipped_results",
            # from mmkit.pretrain, kept here for notebook 01 and the exercises (``zoo.clip_loss``, ...)
            "TextTower", "clip_loss", "image_embedding", "linear_probe", "retrieval_r1", "object_token_probe",
            "region_loss", "train_vision"]
@@ -202,6 +203,32 @@ REFERENCE_BUDGETS: dict[str, list[str]] = {
     "llava-tiny": ["stages.1.steps=7200", "stages.1.warmup_steps=100"],
     "flamingo-tiny": ["stages.0.steps=4000", "stages.0.warmup_steps=100"],
 }
+
+
+def shipped_dir(name: str) -> Path:
+    """The folder of a shipped model, ``assets/tiny/models/<name>``; a clear error when absent."""
+    path = assets_dir() / MODELS_DIR / name
+    if not (path / "model.safetensors").is_file():
+        raise FileNotFoundError(f"no shipped model {name!r} in {path.parent} (shipped: {', '.join(SHIPPED_MODELS)}); "
+                                f"`mmkit zoo models --only {name}` builds it")
+    return path
+
+
+def load_shipped(name: str):
+    """A shipped reference model (``SHIPPED_MODELS``), ready to generate, evaluate or explain."""
+    from mmkit.train import load_model
+
+    return load_model(shipped_dir(name))
+
+
+def shipped_results(name: str) -> dict[str, Any]:
+    """What ``mmkit zoo models`` measured on a shipped model (``assets/tiny/report.json``):
+    ``vqa``, ``vqa_per_type``, ``vqa_n``, ``train_seconds``, ... A notebook quotes these
+    rather than copying numbers into its text, so the text stays true when a model is rebuilt."""
+    models = info().get("models", {})
+    if name not in models:
+        raise KeyError(f"no results for {name!r} in {assets_dir() / REPORT}; measured: {', '.join(models) or 'none'}")
+    return models[name]
 
 
 def ship_checkpoint(src: str | Path, name: str, out: str | Path | None = None) -> Path:

@@ -11,6 +11,12 @@ from mmkit import exercises as ex
 ALL = [e.name for e in ex.list_exercises()]  # every notebook's exercises (the package's modules register them)
 
 
+@pytest.fixture(autouse=True)
+def _own_progress_file(tmp_path, monkeypatch):
+    """Checks record progress; keep it out of the user's cache."""
+    monkeypatch.setenv("MMKIT_CACHE", str(tmp_path / "cache"))
+
+
 def _run(capsys, name, fn, **kw):
     ok = ex.check(name, fn, **kw)
     return ok, capsys.readouterr().out
@@ -50,7 +56,8 @@ def test_reference_passes_and_unsolved_prints(name, capsys, request):
 def test_solution_prints_the_reference(name, capsys):
     ex.solution(name)
     out = capsys.readouterr().out
-    assert f"def {name}(" in out
+    defines = ex.EXERCISES[name].defines  # the function or class the student writes
+    assert f"def {defines}(" in out or f"class {defines}(" in out
     with pytest.raises(KeyError, match="no exercise"):
         ex.solution("nope")
 
@@ -188,3 +195,96 @@ def test_each_notebook_has_its_own_module():
         assert getattr(ex, f"check_{name}") is ex.EXERCISES[name].check
     assert ex.check is core.check and ex.solution is core.solution and ex.register is core.register
     assert [e.notebook for e in ex.list_exercises()] == sorted(e.notebook for e in ex.list_exercises())
+
+
+# ---------------------------------------------------------------- build-up exercises: typical wrong versions
+def _edit(name, old, new):
+    """The reference answer of ``name`` with one line changed: a typical wrong version."""
+    from mmkit.exercises import core
+
+    src = core._SOLUTIONS[name]
+    assert old in src, (name, old)
+    ns = {}
+    exec(compile(src.replace(old, new), f"<wrong {name}>", "exec"), ns)
+    return ns[name]
+
+
+BUILD_UP_MISTAKES = [  # (exercise, line in the reference, the wrong line, words the verdict must say)
+    ("MLPProjector", "self.act = nn.GELU()", "self.act = nn.ReLU()", "ReLU"),
+    ("MLPProjector", "self.act = nn.GELU()", "self.act = nn.GELU(approximate='tanh')", "tanh approximation"),
+    ("MLPProjector", "self.linear_2 = nn.Linear(lm_dim, lm_dim)", "self.proj = nn.Linear(lm_dim, lm_dim)",
+     "missing linear_2"),
+    ("QFormerLayer", "q = self.cross_attn_norm(q + self.cross_attn(q, image))", "pass", "never read the image"),
+    ("QFormerLayer", "self.self_attn(h, mask=mask)", "self.self_attn(h)", "mask is ignored"),
+    ("PerceiverBlock", "context=torch.cat([x_f, x], dim=1)", "context=x_f", "LN(latents)"),
+    ("GatedXAttnDense", "y = y + torch.tanh(self.alpha_xattn) * x", "y = y + self.alpha_xattn * x", "tanh(alpha)"),
+    ("GatedXAttnDense", "self.alpha_dense = nn.Parameter(torch.zeros(1))",
+     "self.alpha_dense = nn.Parameter(torch.ones(1))", "initialise alpha_xattn and alpha_dense to zeros"),
+    ("positions_2d", "[one_axis(half, cols.reshape(-1)), one_axis(half, rows.reshape(-1))]",
+     "[one_axis(half, rows.reshape(-1)), one_axis(half, cols.reshape(-1))]", "halves are swapped"),
+    ("patch_rows", "torch.cat([local, split], dim=2)", "torch.cat([split, local], dim=2)", "ends every row"),
+    ("ema_update", "smoothed = (cluster_size + eps) / (n + K * eps) * n", "smoothed = cluster_size",
+     "Laplace smoothing"),
+    ("ema_update", "cluster_size = decay * cluster_size + (1 - decay) * onehot.sum(0)",
+     "cluster_size = (1 - decay) * cluster_size + decay * onehot.sum(0)", "swapped"),
+    ("LoRALinear", "self.scaling = alpha / r", "self.scaling = alpha", "alpha / r"),
+    ("LoRALinear", "nn.init.zeros_(self.lora_B.weight)", "pass", "initialise lora_B to zeros"),
+    ("LoRALinear", "p.requires_grad_(False)", "pass", "freeze the base layer"),
+]
+
+
+@pytest.mark.parametrize("name,old,new,words", BUILD_UP_MISTAKES, ids=[f"{m[0]}-{i}" for i, m in enumerate(BUILD_UP_MISTAKES)])
+def test_build_up_mistakes(capsys, name, old, new, words):
+    ok, out = _run(capsys, name, _edit(name, old, new))
+    assert not ok and words in out, out
+
+
+def test_build_up_exercise_in_every_family_notebook():
+    """Every family notebook (02-08) has a build-up exercise: the student writes a module or the
+    mechanism's core function, checked against the library with the library's weights."""
+    built = {"MLPProjector": "02_llava", "QFormerLayer": "03_blip2_qformer", "PerceiverBlock": "04_flamingo",
+             "GatedXAttnDense": "04_flamingo", "positions_2d": "05_qwen_vl_grounding",
+             "patch_rows": "06_encoder_free", "LoRALinear": "07_qlora", "ema_update": "08_native"}
+    assert {n: ex.EXERCISES[n].notebook for n in built} == built
+
+
+def test_progress_and_reset(capsys, tmp_path):
+    from mmkit.exercises import core
+    from mmkit.paths import cache_dir
+
+    assert cache_dir() == tmp_path / "cache"
+    ex.check("MLPProjector", _not_done)
+    ex.check("MLPProjector", ex._reference("MLPProjector"))
+    ex.check_patchify(_not_done)  # a check imported by name records too
+    capsys.readouterr()
+    rows = ex.progress(show=True)
+    out = capsys.readouterr().out
+    assert rows["MLPProjector"]["solved"] and rows["MLPProjector"]["tries"] == 2
+    assert not rows["patchify"]["solved"] and rows["patchify"]["tries"] == 1
+    assert rows["LoRALinear"]["tries"] == 0 and "not tried" in out and "✓ solved" in out
+    ex.reset("MLPProjector")
+    assert ex.progress(show=False)["MLPProjector"]["tries"] == 0
+    assert ex.progress(show=False)["patchify"]["tries"] == 1
+    with pytest.raises(KeyError, match="no exercise"):
+        ex.reset("nope")
+    ex.reset()
+    assert not any(r["tries"] for r in ex.progress(show=False).values())
+    (cache_dir() / core.PROGRESS_FILE).write_text("{not json")  # a damaged file is a fresh start
+    assert not any(r["tries"] for r in ex.progress(show=False).values())
+
+
+def test_run_mode(monkeypatch):
+    import mmkit
+    from mmkit.paths import run_mode
+
+    monkeypatch.delenv("SMOKE", raising=False)
+    monkeypatch.delenv("MMKIT_MODE", raising=False)
+    assert mmkit.mode("classroom") == "classroom" and mmkit.mode("Full") == "full" and mmkit.mode() == "classroom"
+    monkeypatch.setenv("MMKIT_MODE", "full")
+    assert run_mode("classroom") == "full"
+    monkeypatch.setenv("SMOKE", "1")  # CI: SMOKE=1 forces smoke whatever the notebook says
+    assert run_mode("full") == "smoke"
+    monkeypatch.delenv("SMOKE")
+    monkeypatch.delenv("MMKIT_MODE")
+    with pytest.raises(ValueError, match="unknown run mode 'fast'.*'classroom'"):
+        run_mode("fast")

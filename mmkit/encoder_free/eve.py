@@ -52,7 +52,7 @@ from mmkit.vision import load_vision_encoder
 from mmkit.vlm import VLMOutput, load_parts, vlm_options
 
 __all__ = ["PatchEmbeddingLayer", "PatchAligningLayer", "EVEVLM", "build_eve", "OBJECTIVES",
-           "window_partition", "patch_states"]
+           "window_partition", "patch_rows", "patch_states"]
 
 OBJECTIVES = ("lm", "lm+align")
 
@@ -64,6 +64,15 @@ def window_partition(fine: Tensor, grid: tuple[int, int], s: int) -> Tensor:
     Hf, Wf = grid
     h, w = Hf // s, Wf // s
     return fine.view(N, h, s, w, s, C).permute(0, 1, 3, 2, 4, 5).reshape(N * h * w, s * s, C)
+
+
+def patch_rows(cls: Tensor, local: Tensor, spl: Tensor) -> Tensor:
+    """The PEL's token layout: <CLS> (N, 1, C), window tokens (N, h, w, C), <SPL> (C,) ->
+    (N, 1 + h*(w+1), C) = [CLS, row 0, SPL, row 1, SPL, ...]. ``patch_states`` undoes it."""
+    N, h, _, C = local.shape
+    split = spl.to(local).expand(N, h, 1, C)
+    rows = torch.cat([local, split], dim=2).reshape(N, -1, C)  # (N, h*(w+1), C)
+    return torch.cat([cls, rows], dim=1)  # (N, 1 + h*(w+1), C)
 
 
 def patch_states(x: Tensor, grid: tuple[int, int]) -> Tensor:
@@ -132,9 +141,7 @@ class PatchEmbeddingLayer(Bridge):
         cls = cls + self.ca2(cls, fine)  # (N, 1, C)
 
         # <SPL> after every row, so the LM can tell where a row of a non-square image ends.
-        spl = self.split_embedding.to(fine).expand(N, h, 1, C)
-        rows = torch.cat([local, spl], dim=2).reshape(N, h * (w + 1), C)  # (N, h*(w+1), C)
-        tokens = torch.cat([cls, rows], dim=1)  # (N, 1 + h*(w+1), C)
+        tokens = patch_rows(cls, local, self.split_embedding)  # (N, 1 + h*(w+1), C)
         return self.mlp(self.norm_out(tokens))  # (N, 1 + h*(w+1), D_lm)
 
     def attention_maps(self, seen: dict) -> Tensor | None:

@@ -18,6 +18,12 @@ exercises still runs top to bottom (``pytest --nbmake``).
     solution("patchify")            # prints the reference implementation
     check("patchify", patchify)     # the same check, by name (any notebook's exercise)
 
+Build-up exercises ask for a whole module (``MLPProjector``, ``QFormerLayer``,
+``PerceiverBlock``, ``GatedXAttnDense``, ``LoRALinear``) or a mechanism's core function
+(``positions_2d``, ``patch_rows``, ``ema_update``): the check loads the library's weights into
+the student's module and compares outputs. ``progress()`` shows what this user has solved,
+``reset(name)`` forgets it.
+
 ``core`` holds the framework (``register``, ``check``, ``solution``, the registry); each
 notebook's exercises live in a module of their own (``tour`` for 00, ``vision_encoder``
 for 01, ``llava`` for 02, ``blip2`` for 03, ...) that calls
@@ -25,14 +31,15 @@ for 01, ``llava`` for 02, ``blip2`` for 03, ...) that calls
 """
 from __future__ import annotations
 
-from mmkit.exercises.core import EXERCISES, Exercise, _reference, check, list_exercises, register, solution
+from mmkit.exercises.core import (EXERCISES, Exercise, _reference, check, list_exercises, progress, register,
+                                  reset, solution)
 # notebook order (importing a module registers its exercises; EXERCISES keeps that order)
 from mmkit.exercises.tour import check_count_image_tokens, check_vqa_accuracy  # 00
 from mmkit.exercises.vision_encoder import check_clip_loss, check_patchify  # 01
 from mmkit.exercises.llava import check_label_mask, check_merge_image_tokens  # 02
 
 __all__ = [
-    "EXERCISES", "Exercise", "check", "solution", "list_exercises", "register",
+    "EXERCISES", "Exercise", "check", "solution", "list_exercises", "register", "progress", "reset",
     "check_count_image_tokens", "check_vqa_accuracy", "check_patchify", "check_clip_loss",
     "check_label_mask", "check_merge_image_tokens",
 ]

@@ -149,3 +149,100 @@ register(Exercise("itc_similarity", "03_blip2_qformer",
 register(Exercise("count_qformer_params", "03_blip2_qformer",
                   "count_qformer_params(hidden, layers, intermediate, vision_dim, cross_every, num_queries) -> int",
                   check_count_qformer_params), _COUNT)
+
+
+# ---------------------------------------------------------------- build-up: one Q-Former layer
+_QFORMER_LAYER = '''\
+import torch
+from torch import nn
+
+from mmkit.nn import MLP, Attention
+
+class QFormerLayer(nn.Module):
+    """One Q-Former layer (BERT, post-LN). h = [queries; text] (B, Q + L, D):
+    self-attention over everything (the mask decides who sees whom), then cross-attention
+    from the QUERIES ONLY to the image features, then a feed-forward for the queries and
+    another for the text."""
+
+    def __init__(self, cfg, has_cross_attention):
+        super().__init__()
+        D, eps = cfg.hidden_size, cfg.layer_norm_eps
+        self.self_attn = Attention(D, cfg.num_attention_heads)
+        self.self_attn_norm = nn.LayerNorm(D, eps=eps)
+        self.cross_attn = Attention(D, cfg.num_attention_heads, kv_dim=cfg.encoder_hidden_size) if has_cross_attention else None
+        self.cross_attn_norm = nn.LayerNorm(D, eps=eps) if has_cross_attention else None
+        self.ffn_query = MLP(D, cfg.intermediate_size, act=cfg.hidden_act)
+        self.ffn_query_norm = nn.LayerNorm(D, eps=eps)
+        self.ffn_text = MLP(D, cfg.intermediate_size, act=cfg.hidden_act)
+        self.ffn_text_norm = nn.LayerNorm(D, eps=eps)
+
+    def forward(self, h, mask, image, num_queries):
+        # post-LN, as BERT: x = LayerNorm(x + sublayer(x))
+        h = self.self_attn_norm(h + self.self_attn(h, mask=mask))               # (B, Q + L, D)
+        q, t = h[:, :num_queries], h[:, num_queries:]                           # (B, Q, D), (B, L, D)
+        if self.cross_attn is not None:
+            q = self.cross_attn_norm(q + self.cross_attn(q, image))             # only the queries read the image
+        q = self.ffn_query_norm(q + self.ffn_query(q))
+        t = self.ffn_text_norm(t + self.ffn_text(t))
+        return torch.cat([q, t], dim=1)                                         # (B, Q + L, D)
+'''
+
+
+@_guard
+def check_QFormerLayer(cls: Callable) -> bool:
+    """cls(cfg, has_cross_attention=True) -> module; loaded with
+    ``mmkit.bridges.blip2.QFormerLayer``'s weights, compared on 4 queries + 3 text tokens
+    under the ITG mask, reading 9 image features."""
+    from mmkit.bridges.blip2 import QFormerConfig, QFormerLayer, multimodal_causal_mask
+    from mmkit.exercises.core import _same_module
+
+    torch.manual_seed(0)
+    cfg = QFormerConfig(hidden_size=32, num_attention_heads=4, intermediate_size=64, encoder_hidden_size=24,
+                        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    ref = QFormerLayer(cfg, True)
+    Q = 4
+    h, image = torch.randn(2, Q + 3, 32), torch.randn(2, 9, 24)
+    mask = multimodal_causal_mask(Q, torch.tensor([[1, 1, 1], [1, 1, 0]]))[:, None]  # (B, 1, T, T)
+
+    def pre_ln(r, h, mask, image, Q):
+        h = h + r.self_attn(r.self_attn_norm(h), mask=mask)
+        q, t = h[:, :Q], h[:, Q:]
+        q = q + r.cross_attn(r.cross_attn_norm(q), image)
+        q = q + r.ffn_query(r.ffn_query_norm(q))
+        t = t + r.ffn_text(r.ffn_text_norm(t))
+        return torch.cat([q, t], 1)
+
+    def no_cross(r, h, mask, image, Q):
+        h = r.self_attn_norm(h + r.self_attn(h, mask=mask))
+        q, t = h[:, :Q], h[:, Q:]
+        return torch.cat([r.ffn_query_norm(q + r.ffn_query(q)), r.ffn_text_norm(t + r.ffn_text(t))], 1)
+
+    def one_ffn(r, h, mask, image, Q):
+        h = r.self_attn_norm(h + r.self_attn(h, mask=mask))
+        q, t = h[:, :Q], h[:, Q:]
+        q = r.cross_attn_norm(q + r.cross_attn(q, image))
+        h = torch.cat([q, t], 1)
+        return r.ffn_query_norm(h + r.ffn_query(h))
+
+    def no_mask(r, h, mask, image, Q):
+        return r(h, None, image, Q)
+
+    mistakes = {
+        "you normalise before each sublayer (pre-LN, x + f(LN(x))); the Q-Former is BERT, post-LN: "
+        "x = LayerNorm(x + f(x)).": pre_ln,
+        "the queries never read the image: after self-attention, q = cross_attn_norm(q + cross_attn(q, image)).":
+            no_cross,
+        "the text positions went through ffn_query; the Q-Former has two feed-forwards: ffn_query for "
+        "the queries, ffn_text for the text.": one_ffn,
+        "the mask is ignored: pass mask= to the self-attention (it decides ITC / ITM / ITG).": no_mask,
+    }
+    if not _same_module(cls, ref, (cfg, True), (h, mask, image, Q), mistakes=mistakes,
+                        what="QFormerLayer on 4 queries + 3 text tokens (ITG mask), 9 image features"):
+        return False
+    return _say(True, "same output as mmkit.bridges.blip2.QFormerLayer (post-LN, queries-only "
+                      "cross-attention, two feed-forwards, the mask respected).")
+
+
+register(Exercise("QFormerLayer", "03_blip2_qformer",
+                  "class QFormerLayer(nn.Module): self-attention, queries-only cross-attention, two FFNs",
+                  check_QFormerLayer), _QFORMER_LAYER)

@@ -126,3 +126,67 @@ register(Exercise("ca1_windows", "06_encoder_free",
 register(Exercise("eve_patch_states", "06_encoder_free",
                   "eve_patch_states(x (1+h*(w+1), D), grid) -> (h, w, D): CLS and SPL dropped",
                   check_eve_patch_states), _STATES)
+
+
+# ---------------------------------------------------------------- build-up: EVE's patch rows
+_PATCH_ROWS = '''\
+import torch
+
+def patch_rows(cls, local, spl):
+    """EVE's image tokens in the LM's order: [<CLS>, row 0, <SPL>, row 1, <SPL>, ...].
+    cls (N, 1, C), local (N, h, w, C) window tokens, spl (C,) -> (N, 1 + h*(w+1), C)."""
+    N, h, w, C = local.shape
+    split = spl.expand(N, h, 1, C)                                  # one <SPL> at the end of every row
+    rows = torch.cat([local, split], dim=2).reshape(N, h * (w + 1), C)
+    return torch.cat([cls, rows], dim=1)
+'''
+
+
+@_guard
+def check_patch_rows(fn: Callable) -> bool:
+    """fn(cls (N, 1, C), local (N, h, w, C), spl (C,)) -> (N, 1 + h*(w+1), C); compared with
+    ``mmkit.encoder_free.eve.patch_rows`` on a non-square grid, then used inside a real
+    ``PatchEmbeddingLayer`` (its weights unchanged) on a 2 x 3 window image."""
+    from mmkit.encoder_free import eve
+
+    g = torch.Generator().manual_seed(0)
+    N, h, w, C = 2, 2, 3, 4
+    cls, local, spl = torch.randn(N, 1, C, generator=g), torch.randn(N, h, w, C, generator=g), torch.randn(C, generator=g)
+    want = eve.patch_rows(cls, local, spl)
+    got = _call(fn, cls.clone(), local.clone(), spl.clone(), what=f"(cls (2, 1, 4), local (2, {h}, {w}, 4), spl (4,))")
+    if not torch.is_tensor(got):
+        return _say(False, f"patch_rows returned a {type(got).__name__}; return a (N, 1 + h*(w+1), C) tensor.")
+    if tuple(got.shape) != tuple(want.shape):
+        hint = (" (is the <CLS> missing?)" if got.shape[1] == want.shape[1] - 1 else
+                " (one <SPL> per row, h of them, not one per column)" if got.shape[1] == 1 + w * (h + 1) else "")
+        return _say(False, f"expected shape {tuple(want.shape)} = (N, 1 + h*(w+1), C) for h={h}, w={w}; "
+                           f"got {tuple(got.shape)}{hint}.")
+    names = ["<CLS>"] + [f"row {r}, {'<SPL>' if c == w else f'window {c}'}" for r in range(h) for c in range(w + 1)]
+    for t in range(want.shape[1]):
+        if torch.allclose(got[:, t], want[:, t], atol=1e-6):
+            continue
+        if torch.allclose(got[0, t], spl, atol=1e-6):
+            return _say(False, f"position {t} should be {names[t]} but holds <SPL>: the <SPL> ends every row "
+                               "(after its w windows), it does not start it.")
+        return _say(False, f"position {t} should be {names[t]}; the layout is [<CLS>, row 0, <SPL>, row 1, "
+                           "<SPL>, ...], rows in reading order (row-major).")
+    torch.manual_seed(0)
+    pel = eve.PatchEmbeddingLayer(8, patch_size=2, pool=2, dim=8, num_heads=2).eval()
+    pixels = torch.randn(1, 3, 8, 12)
+    original = eve.patch_rows
+    with torch.no_grad():
+        ref = pel(pixels)
+        try:
+            eve.patch_rows = fn
+            mine = pel(pixels)
+        finally:
+            eve.patch_rows = original
+    if not torch.allclose(mine, ref, atol=1e-5):
+        return _say(False, "inside PatchEmbeddingLayer your layout changed the image tokens (check dtypes "
+                           "and that spl is expanded, not copied per image by hand).")
+    return _say(True, "same layout as EVE's Patch Embedding Layer: 1 + h*(w+1) tokens, <SPL> ending every row.")
+
+
+register(Exercise("patch_rows", "06_encoder_free",
+                  "patch_rows(cls, local, spl) -> (N, 1 + h*(w+1), C): EVE's [CLS, row, SPL, row, SPL ...] layout",
+                  check_patch_rows), _PATCH_ROWS)

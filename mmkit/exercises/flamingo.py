@@ -10,7 +10,7 @@ __all__ = ["check_media_mask", "check_visual_tokens"]
 _MEDIA_MASK = '''\
 import torch
 
-def media_mask(input_ids, image_token_id, only_latest=True):
+def media_mask_mine(input_ids, image_token_id, only_latest=True):
     """(B, T) ids -> (B, T, N) bool: may token t see image m? (N = most images in a row)"""
     text_time = torch.cumsum(input_ids == image_token_id, dim=1)   # (B, T): images so far, the marker included
     N = int(text_time[:, -1].max())
@@ -105,7 +105,168 @@ def check_visual_tokens(fn: Callable) -> bool:
 
 register(Exercise("media_mask", "04_flamingo",
                   "media_mask(input_ids, image_token_id, only_latest=True) -> (B, T, N) bool: which image each token sees",
-                  check_media_mask), _MEDIA_MASK)
+                  check_media_mask, answer="media_mask_mine"), _MEDIA_MASK)  # the library's media_mask stays
 register(Exercise("visual_tokens", "04_flamingo",
                   "visual_tokens(frames, image_size, patch_size, num_latents=None) -> keys one video costs the LM",
                   check_visual_tokens), _VISUAL_TOKENS)
+
+
+# ---------------------------------------------------------------- build-up: the two Flamingo blocks
+_PERCEIVER_BLOCK = '''\
+import torch
+from torch import nn
+
+from mmkit.nn import MLP, Attention
+
+class PerceiverBlock(nn.Module):
+    """One Perceiver Resampler layer (Flamingo, Fig. 5): the latents read the features.
+        x_f, x = LN(features), LN(latents)
+        latents = latents + Attention(q = x, kv = cat[x_f, x])     # the latents see themselves too
+        latents = latents + FFW(LN(latents))"""
+
+    def __init__(self, dim, num_heads, ff_mult=4):
+        super().__init__()
+        self.norm_media = nn.LayerNorm(dim)
+        self.norm_latents = nn.LayerNorm(dim)
+        self.attn = Attention(dim, num_heads, qkv_bias=False, out_bias=False)
+        self.norm_ff = nn.LayerNorm(dim)
+        self.ff = MLP(dim, ff_mult * dim, act="relu", bias=False)
+
+    def forward(self, features, latents):
+        x_f = self.norm_media(features)                                        # (N, S, D)
+        x = self.norm_latents(latents)                                         # (N, L, D)
+        latents = latents + self.attn(x, context=torch.cat([x_f, x], dim=1))   # (N, L, D)
+        return latents + self.ff(self.norm_ff(latents))                        # (N, L, D)
+'''
+
+_GATED_XATTN = '''\
+import torch
+from torch import nn
+
+from mmkit.bridges.flamingo import GatedMLP
+from mmkit.nn import Attention, RMSNorm
+
+class GatedXAttnDense(nn.Module):
+    """GATED XATTN-DENSE (Flamingo, Fig. 4), in front of a frozen LM layer:
+        y = y + tanh(alpha_xattn) * XAttn(RMSNorm(y), media, mask)
+        y = y + tanh(alpha_dense) * FFW(RMSNorm(y))
+    The alphas start at 0, so at step 0 the block is the identity: the LM is unchanged."""
+
+    def __init__(self, dim, media_dim, num_heads, ffn_hidden):
+        super().__init__()
+        self.norm_xattn = RMSNorm(dim)
+        self.xattn = Attention(dim, num_heads, kv_dim=media_dim, qkv_bias=False, out_bias=False)
+        self.norm_dense = RMSNorm(dim)
+        self.ffn = GatedMLP(dim, ffn_hidden)
+        self.alpha_xattn = nn.Parameter(torch.zeros(1))
+        self.alpha_dense = nn.Parameter(torch.zeros(1))
+
+    def forward(self, y, media, mask):
+        # y (B, T, D) text; media (B, M, D_v); mask (B, T, M) bool: may token t see media m?
+        x = self.xattn(self.norm_xattn(y), context=media, mask=mask[:, None])   # (B, T, D); heads share the mask
+        y = y + torch.tanh(self.alpha_xattn) * x
+        return y + torch.tanh(self.alpha_dense) * self.ffn(self.norm_dense(y))
+'''
+
+
+@_guard
+def check_PerceiverBlock(cls: Callable) -> bool:
+    """cls(dim, num_heads) -> module; loaded with ``mmkit.bridges.flamingo.PerceiverBlock``'s
+    weights, compared on 10 features and 3 latents."""
+    import torch
+
+    from mmkit.bridges.flamingo import PerceiverBlock
+    from mmkit.exercises.core import _same_module
+
+    torch.manual_seed(0)
+    ref = PerceiverBlock(16, 2)
+    feats, lat = torch.randn(2, 10, 16), torch.randn(2, 3, 16)
+
+    def only_features(r, f, l):
+        l = l + r.attn(r.norm_latents(l), context=r.norm_media(f))
+        return l + r.ff(r.norm_ff(l))
+
+    def no_norm_media(r, f, l):
+        x = r.norm_latents(l)
+        l = l + r.attn(x, context=torch.cat([f, x], 1))
+        return l + r.ff(r.norm_ff(l))
+
+    def no_residual(r, f, l):
+        x = r.norm_latents(l)
+        l = r.attn(x, context=torch.cat([r.norm_media(f), x], 1))
+        return l + r.ff(r.norm_ff(l))
+
+    mistakes = {
+        "the latents attend to the features only; Flamingo's keys and values are cat[LN(features), "
+        "LN(latents)], so a latent can also keep what it already holds.": only_features,
+        "the features are not normalised before attention: use norm_media on them.": no_norm_media,
+        "the attention output replaces the latents; add it to them (a residual connection).": no_residual,
+    }
+    if not _same_module(cls, ref, (16, 2), (feats, lat), mistakes=mistakes,
+                        what="PerceiverBlock(16, 2) on 10 features, 3 latents"):
+        return False
+    return _say(True, "same latents as mmkit.bridges.flamingo.PerceiverBlock: stack `depth` of them "
+                      "after learned latents and a LayerNorm, and you have the Perceiver Resampler.")
+
+
+@_guard
+def check_GatedXAttnDense(cls: Callable) -> bool:
+    """cls(dim, media_dim, num_heads, ffn_hidden) -> module; loaded with
+    ``mmkit.bridges.flamingo.GatedXAttnDense``'s weights (alphas set away from 0), compared on
+    text that comes before, between and after two images."""
+    import torch
+
+    from mmkit.bridges.flamingo import GatedXAttnDense, media_mask
+    from mmkit.exercises.core import _same_module
+
+    torch.manual_seed(0)
+    ref = GatedXAttnDense(16, 12, 2, 24)
+    with torch.no_grad():
+        ref.alpha_xattn.fill_(0.7), ref.alpha_dense.fill_(-0.4)
+    IMG = 7
+    ids = torch.tensor([[1, 4, IMG, 5, 6, IMG, 8, 2], [IMG, 3, 3, 3, 3, 3, 3, 2]])
+    mask = media_mask(ids, IMG)                                   # (2, 8, 2)
+    y, media = torch.randn(2, 8, 16), torch.randn(2, 2 * 3, 12).view(2, 2, 3, 12)
+    media_flat = media.flatten(1, 2)                              # (2, 6, 12): 3 latents per image
+    mask = mask.repeat_interleave(3, dim=2)                       # (2, 8, 6)
+
+    def no_tanh(xattn: bool, dense: bool):
+        def wrong(r, y, m, k):
+            g1 = r.alpha_xattn if xattn else torch.tanh(r.alpha_xattn)
+            g2 = r.alpha_dense if dense else torch.tanh(r.alpha_dense)
+            y = y + g1 * r.xattn(r.norm_xattn(y), context=m, mask=k[:, None])
+            return y + g2 * r.ffn(r.norm_dense(y))
+        return wrong
+
+    def no_mask(r, y, m, k):
+        return r(y, m, torch.ones_like(k))
+
+    def parallel(r, y, m, k):
+        x = r.xattn(r.norm_xattn(y), context=m, mask=k[:, None])
+        return y + torch.tanh(r.alpha_xattn) * x + torch.tanh(r.alpha_dense) * r.ffn(r.norm_dense(y))
+
+    tanh_msg = "a gate is alpha, not tanh(alpha): Flamingo squashes both gates with tanh so they stay in (-1, 1)."
+    mistakes = [(tanh_msg, no_tanh(a, b)) for a, b in ((True, True), (True, False), (False, True))] + list({
+        "the media mask is ignored: each token may only read the image(s) the mask allows "
+        "(pass mask=mask[:, None] so every head shares it).": no_mask,
+        "the feed-forward reads y from before the cross-attention; it reads the updated y "
+        "(the two sublayers are in sequence, each with its residual).": parallel,
+    }.items())
+    if not _same_module(cls, ref, (16, 12, 2, 24), (y, media_flat, mask), mistakes=mistakes,
+                        what="GatedXAttnDense(16, 12, 2, 24), alphas 0.7 / -0.4"):
+        return False
+    fresh = _call(cls, 16, 12, 2, 24)
+    with torch.no_grad():
+        out0 = fresh(y, media_flat, mask)
+    if not torch.allclose(out0, y, atol=1e-6):
+        return _say(False, "with the weights loaded the block is right, but a freshly built one changes y: "
+                           "initialise alpha_xattn and alpha_dense to zeros, so at step 0 the LM is untouched.")
+    return _say(True, "same output as mmkit.bridges.flamingo.GatedXAttnDense, and the identity at step 0.")
+
+
+register(Exercise("PerceiverBlock", "04_flamingo",
+                  "class PerceiverBlock(nn.Module): latents attend to cat[features, latents], then an FFW",
+                  check_PerceiverBlock), _PERCEIVER_BLOCK)
+register(Exercise("GatedXAttnDense", "04_flamingo",
+                  "class GatedXAttnDense(nn.Module): tanh-gated cross-attention and FFW in front of an LM layer",
+                  check_GatedXAttnDense), _GATED_XATTN)

@@ -200,3 +200,58 @@ register(Exercise("label_mask", "02_llava",
 register(Exercise("merge_image_tokens", "02_llava",
                   "merge_image_tokens(input_ids, text_embeds, image_embeds, image_token_id) -> inputs_embeds",
                   check_merge_image_tokens), _MERGE)
+
+
+# ---------------------------------------------------------------- build-up: the projector
+_MLP_PROJECTOR = '''\
+from torch import nn
+
+class MLPProjector(nn.Module):
+    """LLaVA-1.5's projector ("mlp2x_gelu"), applied to every patch on its own:
+    (N, P, D_v) -> Linear(D_v, D_lm) -> GELU -> Linear(D_lm, D_lm) -> (N, P, D_lm)."""
+
+    def __init__(self, vision_dim, lm_dim):
+        super().__init__()
+        self.linear_1 = nn.Linear(vision_dim, lm_dim)
+        self.act = nn.GELU()                      # the exact (erf) GELU, transformers' "gelu"
+        self.linear_2 = nn.Linear(lm_dim, lm_dim)
+
+    def forward(self, features):
+        return self.linear_2(self.act(self.linear_1(features)))
+'''
+
+
+@_guard
+def check_MLPProjector(cls: Callable) -> bool:
+    """cls(vision_dim, lm_dim) -> module; loaded with ``mmkit.bridges.llava.MLPProjector``'s
+    weights and compared on random patch features (N=2, P=5, D_v=12 -> D_lm=16)."""
+    import torch
+    import torch.nn.functional as F
+
+    from mmkit.bridges.llava import MLPProjector
+    from mmkit.exercises.core import _same_module
+
+    torch.manual_seed(0)
+    ref = MLPProjector(12, 16)
+    x = torch.randn(2, 5, 12) * 2
+    mistakes = {
+        "there is no activation between the two linear layers: two linear maps in a row are one linear "
+        "map, no more than LLaVA-1.0's single layer. Put a GELU between them.":
+            lambda r, x: r.linear_2(r.linear_1(x)),
+        "you used the tanh approximation of GELU; LLaVA-1.5's projector (transformers' \"gelu\") uses the "
+        "exact erf GELU: nn.GELU() with no arguments.":
+            lambda r, x: r.linear_2(F.gelu(r.linear_1(x), approximate="tanh")),
+        "you used ReLU; LLaVA-1.5 uses GELU (nn.GELU()).": lambda r, x: r.linear_2(F.relu(r.linear_1(x))),
+        "there is an activation after the second linear layer too; the projector ends with the linear "
+        "layer, so image tokens can take any sign and scale.":
+            lambda r, x: F.gelu(r.linear_2(F.gelu(r.linear_1(x)))),
+    }
+    if not _same_module(cls, ref, (12, 16), (x,), what="MLPProjector(12, 16) on (2, 5, 12) features",
+                        mistakes=mistakes):
+        return False
+    return _say(True, "same image tokens as mmkit.bridges.llava.MLPProjector with the same weights.")
+
+
+register(Exercise("MLPProjector", "02_llava",
+                  "class MLPProjector(nn.Module): LLaVA-1.5's Linear-GELU-Linear projector",
+                  check_MLPProjector), _MLP_PROJECTOR)

@@ -132,3 +132,69 @@ register(Exercise("nearest_code", "08_native",
 register(Exercise("document_tokens", "08_native",
                   "document_tokens(doc, tokenize, tokens_per_image, wrap) -> tokens a document costs",
                   check_document_tokens), _DOC)
+
+
+# ---------------------------------------------------------------- build-up: the EMA codebook
+_EMA_UPDATE = '''\
+import torch
+import torch.nn.functional as F
+
+def ema_update(embed, cluster_size, embed_sum, flat, ids, decay=0.99, eps=1e-5):
+    """One EMA step of the VQ-VAE codebook (Appendix A.1), no gradients involved.
+    embed (K, D) codes e_k; cluster_size (K,) N_k; embed_sum (K, D) m_k; flat (M, D) encoder
+    vectors; ids (M,) the code each picked. Returns the new (embed, cluster_size, embed_sum)."""
+    K = embed.shape[0]
+    onehot = F.one_hot(ids, K).to(flat.dtype)                          # (M, K)
+    cluster_size = decay * cluster_size + (1 - decay) * onehot.sum(0)  # N_k: how many vectors picked k
+    embed_sum = decay * embed_sum + (1 - decay) * onehot.t() @ flat    # m_k: their sum
+    n = cluster_size.sum()
+    smoothed = (cluster_size + eps) / (n + K * eps) * n                # Laplace: no division by 0
+    return embed_sum / smoothed[:, None], cluster_size, embed_sum       # e_k = m_k / N_k
+'''
+
+
+@_guard
+def check_ema_update(fn: Callable) -> bool:
+    """fn(embed, cluster_size, embed_sum, flat, ids, decay, eps) -> (embed, cluster_size,
+    embed_sum); compared with one training step of ``mmkit.native.vq.VectorQuantizer`` (its
+    buffers copied in, dead-code restarts off) with one code that no vector picks."""
+    import torch.nn.functional as F
+
+    from mmkit.native.vq import VectorQuantizer
+
+    g = torch.Generator().manual_seed(0)
+    K, D, decay, eps = 5, 3, 0.9, 0.1                                  # a large eps: smoothing shows
+    vq = VectorQuantizer(K, D, decay=decay, eps=eps, dead_threshold=0.0)
+    vq.embed.copy_(torch.randn(K, D, generator=g))
+    vq.cluster_size.copy_(torch.rand(K, generator=g) * 4 + 1)
+    vq.embed_sum.copy_(vq.embed * vq.cluster_size[:, None])
+    flat = torch.randn(12, D, generator=g)
+    ids = torch.tensor([0, 1, 1, 2, 2, 2, 0, 1, 3, 3, 0, 1])            # code 4: nobody picks it
+    before = [t.clone() for t in (vq.embed, vq.cluster_size, vq.embed_sum)]
+    vq._ema_update(flat, F.one_hot(ids, K).float())
+    want = (vq.embed, vq.cluster_size, vq.embed_sum)
+    got = _call(fn, *(t.clone() for t in before), flat.clone(), ids.clone(), decay, eps,
+                what=f"(K={K} codes, D={D}, 12 vectors, decay={decay})")
+    if not isinstance(got, (tuple, list)) or len(got) != 3:
+        return _say(False, "return three tensors: (embed, cluster_size, embed_sum).")
+    for name, gt, wt in zip(("cluster_size N_k", "embed_sum m_k", "embed e_k"), (got[1], got[2], got[0]),
+                            (want[1], want[2], want[0])):
+        if not torch.is_tensor(gt) or tuple(gt.shape) != tuple(wt.shape):
+            return _say(False, f"{name}: expected a tensor of shape {tuple(wt.shape)}.")
+        if torch.allclose(gt.float(), wt, atol=1e-5):
+            continue
+        if name.startswith("cluster") and torch.allclose(gt, (1 - decay) * before[1] + decay * F.one_hot(ids, K).sum(0).float()):
+            return _say(False, "cluster_size: decay and 1 - decay are swapped: the old count keeps weight "
+                               f"decay = {decay}, the batch adds (1 - decay) of its counts.")
+        if name.startswith("embed e") and torch.allclose(gt, want[2] / want[1][:, None], atol=1e-5):
+            return _say(False, "embed: you divided by N_k without Laplace smoothing; smooth the counts, "
+                               "(N_k + eps) / (n + K eps) * n, so a code no vector picks never divides by ~0.")
+        k = int(torch.nonzero((gt.float() - wt).abs() > 1e-5)[0][0])
+        return _say(False, f"{name} of code {k}: expected {wt[k].tolist()}, got {gt[k].tolist()} "
+                           f"({int((ids == k).sum())} vector(s) picked code {k} in this batch).")
+    return _say(True, "same codebook as VectorQuantizer after one EMA step (the unpicked code keeps its place).")
+
+
+register(Exercise("ema_update", "08_native",
+                  "ema_update(embed, cluster_size, embed_sum, flat, ids, decay, eps): the VQ-VAE's EMA codebook step",
+                  check_ema_update), _EMA_UPDATE)

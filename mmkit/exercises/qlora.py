@@ -151,3 +151,88 @@ register(Exercise("lora_forward", "07_qlora",
                   "lora_forward(x, W, A, B, alpha, r) -> the LoRA layer's output", check_lora_forward), _FORWARD)
 register(Exercise("nf4_bytes", "07_qlora",
                   "nf4_bytes(n_params, blocksize, double_quant) -> storage of NF4 weights", check_nf4_bytes), _BYTES)
+
+
+# ---------------------------------------------------------------- build-up: a LoRA linear layer
+_LORA_LINEAR = '''\
+from torch import nn
+
+class LoRALinear(nn.Module):
+    """LoRA (Hu et al. 2021) around a frozen linear layer W0:
+        h = W0 x + (alpha / r) * B A x,    A (r, in) small random, B (out, r) zeros
+    Only A and B train; B = 0 makes the layer exactly W0 at step 0."""
+
+    def __init__(self, base, r, alpha):
+        super().__init__()
+        self.base = base
+        for p in self.base.parameters():
+            p.requires_grad_(False)                                     # W0 stays frozen
+        self.lora_A = nn.Linear(base.in_features, r, bias=False)        # (r, in), random (Kaiming)
+        self.lora_B = nn.Linear(r, base.out_features, bias=False)       # (out, r)
+        nn.init.zeros_(self.lora_B.weight)                              # B = 0: no change at start
+        self.scaling = alpha / r
+
+    def forward(self, x):
+        return self.base(x) + self.scaling * self.lora_B(self.lora_A(x))
+'''
+
+
+@_guard
+def check_LoRALinear(cls: Callable) -> bool:
+    """cls(base: nn.Linear, r, alpha) -> module; checked at step 0 (the base layer, only A and B
+    trainable), then with peft's LoRA weights copied in (A, and B set non-zero) against peft's
+    ``LoraLayer`` on the same base layer."""
+    import warnings
+
+    from torch import nn
+
+    torch.manual_seed(0)
+    IN, OUT, R, ALPHA = 10, 6, 2, 8
+    base = nn.Linear(IN, OUT)
+    x = torch.randn(3, IN)
+    mod = _call(cls, base, R, ALPHA, what=f"(nn.Linear({IN}, {OUT}), r={R}, alpha={ALPHA})")
+    if not isinstance(mod, nn.Module):
+        return _say(False, f"LoRALinear(...) built a {type(mod).__name__}; write an nn.Module subclass.")
+    for part, shape in (("lora_A", (R, IN)), ("lora_B", (OUT, R))):
+        layer = getattr(mod, part, None)
+        if not isinstance(layer, nn.Linear) or tuple(layer.weight.shape) != shape:
+            return _say(False, f"self.{part} should be an nn.Linear without bias with weight {shape} "
+                               f"({'in -> r' if part == 'lora_A' else 'r -> out'}).")
+    trainable = sorted(n for n, p in mod.named_parameters() if p.requires_grad)
+    if trainable != ["lora_A.weight", "lora_B.weight"]:
+        return _say(False, f"trainable parameters are {trainable}; only lora_A.weight and lora_B.weight "
+                           "should train: freeze the base layer (requires_grad_(False)).")
+    with torch.no_grad():
+        out0 = _call(mod, x, what=" on a (3, 10) input")
+        if not torch.allclose(out0, base(x), atol=1e-6):
+            return _say(False, "at step 0 the layer must equal the base layer: initialise lora_B to zeros "
+                               "(A random, B zero, so B A = 0).")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from peft import LoraConfig, get_peft_model
+    holder = nn.Sequential()
+    holder.add_module("proj", nn.Linear(IN, OUT))
+    holder.proj.load_state_dict(base.state_dict())
+    peft_model = get_peft_model(holder, LoraConfig(r=R, lora_alpha=ALPHA, target_modules=["proj"], lora_dropout=0.0))
+    layer = peft_model.base_model.model.proj
+    with torch.no_grad():
+        layer.lora_B["default"].weight.normal_()
+        mod.lora_A.weight.copy_(layer.lora_A["default"].weight)
+        mod.lora_B.weight.copy_(layer.lora_B["default"].weight)
+        want = peft_model(x)
+        got = _call(mod, x, what=" on a (3, 10) input")
+        if not torch.allclose(got, want, atol=1e-5):
+            delta = layer.lora_B["default"](layer.lora_A["default"](x))
+            if torch.allclose(got, base(x) + ALPHA * delta, atol=1e-5):
+                return _say(False, f"the update is scaled by alpha = {ALPHA}; LoRA scales it by alpha / r = "
+                                   f"{ALPHA / R:g}, so changing r does not change the update's size.")
+            if torch.allclose(got, base(x) + delta, atol=1e-5):
+                return _say(False, f"the update B A x is not scaled; multiply it by alpha / r = {ALPHA / R:g}.")
+            return _say(False, "with peft's A and B copied in, your output differs from peft's LoRA layer: "
+                               "h = W0 x + (alpha / r) * B (A x).")
+    return _say(True, "frozen base, B = 0 at the start, and the same output as peft's LoRA layer.")
+
+
+register(Exercise("LoRALinear", "07_qlora",
+                  "class LoRALinear(nn.Module): W0 x + (alpha / r) B A x, W0 frozen, B = 0 at the start",
+                  check_LoRALinear), _LORA_LINEAR)

@@ -175,3 +175,73 @@ register(Exercise("token_budget", "05_qwen_vl_grounding",
 register(Exercise("key_positions", "05_qwen_vl_grounding",
                   "key_positions(pos_embed, query_grid, patch_grid) -> the adapter's key positions",
                   check_key_positions), _KEYPOS)
+
+
+# ---------------------------------------------------------------- build-up: the adapter's 2D positions
+_POSITIONS_2D = '''\
+import torch
+
+def positions_2d(embed_dim, grid_h, grid_w):
+    """Qwen-VL's (and MAE's) fixed 2D sin-cos table: (grid_h * grid_w, embed_dim), rows in
+    row-major token order. The first half of the dims encodes the column x, the second half
+    the row y; within each half, D/4 sines then D/4 cosines of pos * 10000^(-k / (D/4))."""
+    def one_axis(dim, pos):                                         # (M,) -> (M, dim)
+        omega = 1.0 / 10000 ** (torch.arange(dim // 2, dtype=torch.float64) / (dim / 2))
+        angles = pos.to(torch.float64)[:, None] * omega[None]       # (M, dim/2)
+        return torch.cat([angles.sin(), angles.cos()], dim=1)
+    rows, cols = torch.meshgrid(torch.arange(grid_h), torch.arange(grid_w), indexing="ij")
+    half = embed_dim // 2
+    return torch.cat([one_axis(half, cols.reshape(-1)), one_axis(half, rows.reshape(-1))], dim=1).float()
+'''
+
+
+@_guard
+def check_positions_2d(fn: Callable) -> bool:
+    """fn(embed_dim, grid_h, grid_w) -> (h*w, D); compared with ``mmkit.nn.sincos_2d`` (a
+    square and a non-square grid), then put into a ``PositionAwareAdapter`` in place of its
+    own table: the adapter's output must not change."""
+    from mmkit.bridges.qwen_vl import PositionAwareAdapter
+    from mmkit.nn import sincos_2d
+
+    for D, h, w in ((16, 3, 3), (8, 2, 5)):
+        want = sincos_2d(D, h, w)
+        got = _call(fn, D, h, w, what=f"({D}, {h}, {w})")
+        if not torch.is_tensor(got):
+            return _say(False, f"positions_2d returned a {type(got).__name__}; return a ({h * w}, {D}) tensor.")
+        if tuple(got.shape) != tuple(want.shape):
+            return _say(False, f"({D}, {h}, {w}): expected shape {tuple(want.shape)} (one row per token, "
+                               f"h*w = {h * w}), got {tuple(got.shape)}.")
+        got = got.float()
+        if torch.allclose(got, want, atol=1e-5):
+            continue
+        H = D // 2
+        if torch.allclose(got, torch.cat([want[:, H:], want[:, :H]], 1), atol=1e-5):
+            return _say(False, f"({D}, {h}, {w}): the two halves are swapped: the first D/2 dims encode "
+                               "the column (x), the second the row (y) (MAE's convention, kept by Qwen-VL).")
+        if torch.allclose(got, sincos_2d(D, w, h).view(w, h, D).transpose(0, 1).reshape(-1, D), atol=1e-5) \
+                and h != w:
+            return _say(False, f"({D}, {h}, {w}): tokens are in column-major order; token t = row * grid_w + col.")
+        inter = want.clone()
+        for a in (0, H):  # sin and cos interleaved instead of concatenated
+            inter[:, a:a + H] = torch.stack([want[:, a:a + H // 2], want[:, a + H // 2:a + H]], -1).reshape(-1, H)
+        if torch.allclose(got, inter, atol=1e-5):
+            return _say(False, f"({D}, {h}, {w}): sin and cos are interleaved; within each half put all the "
+                               "sines first, then all the cosines.")
+        t, d = (int(i) for i in torch.nonzero((got - want).abs() > 1e-5)[0])
+        return _say(False, f"({D}, {h}, {w}): token {t} (row {t // w}, col {t % w}), dim {d}: expected "
+                           f"{float(want[t, d]):.5f}, got {float(got[t, d]):.5f}.")
+    torch.manual_seed(0)
+    adapter = PositionAwareAdapter(12, 16, num_queries=9, num_heads=2).eval()
+    feats = torch.randn(2, 9, 12)
+    with torch.no_grad():
+        want = adapter(feats, (3, 3))
+        adapter.pos_embed.copy_(_call(fn, 16, 3, 3))
+        got = adapter(feats, (3, 3))
+    if not torch.allclose(got, want, atol=1e-5):
+        return _say(False, "your table differs from the adapter's own inside PositionAwareAdapter.")
+    return _say(True, "same table as mmkit.nn.sincos_2d; inside the Qwen-VL adapter it gives the same output.")
+
+
+register(Exercise("positions_2d", "05_qwen_vl_grounding",
+                  "positions_2d(embed_dim, grid_h, grid_w) -> (h*w, D): the adapter's fixed 2D sin-cos table",
+                  check_positions_2d), _POSITIONS_2D)

@@ -9,6 +9,7 @@ from mmkit.viz.core import (COLORS, MarkdownTable, md_table, plot_bars, plot_cur
                             plot_label_mask, plot_matrix, plot_qformer_masks, plot_similarity, plot_training, show_patch_grid,
                             show_samples)
 from mmkit.viz.boxes import draw_boxes
+from mmkit.viz.diagrams import BRIDGE_FAMILIES, plot_bridge_diagram, save_bridge_diagrams
 from mmkit.viz.tiles import draw_tiles, plot_resolution
 from mmkit.viz.overlay import heatmap_array, heatmap_image, show_heatmaps, show_images
 from mmkit.viz.tokens import image_tokens, plot_token_budgets, token_table
@@ -18,4 +19,5 @@ __all__ = [
     "plot_training", "plot_bars", "plot_curves", "plot_learning_curves", "plot_histograms", "md_table", "MarkdownTable", "COLORS",
     "draw_boxes", "heatmap_array", "heatmap_image", "show_heatmaps", "show_images",
     "image_tokens", "token_table", "plot_token_budgets", "draw_tiles", "plot_resolution",
+    "BRIDGE_FAMILIES", "plot_bridge_diagram", "save_bridge_diagrams",
 ]
