@@ -106,7 +106,8 @@ def smol_lm(smol_lm_folder):
 @pytest.fixture(scope="session")
 def smol_run(smol_lm_folder, tiny_assets, tmp_path_factory):
     """``(out, model)``: llava-smol (4-bit NF4 + LoRA) trained for 1 + 2 steps, batch 2,
-    on short colour questions; its checkpoint in ``out``."""
+    on colour questions, its checkpoint in ``out``. Short sequences for a CPU: 32 px images
+    (16 image tokens) and a one-line system prompt instead of SmolLM2's default."""
     import torch
 
     from mmkit.quant import nf4_unavailable_reason
@@ -118,7 +119,8 @@ def smol_run(smol_lm_folder, tiny_assets, tmp_path_factory):
         pytest.skip(nf4_unavailable_reason())
     recipe = apply_overrides(get_recipe("llava-smol"), [
         "stages.0.steps=1", "stages.1.steps=2", "stages.*.batch_size=2", "stages.*.warmup_steps=0",
-        'stages.1.tasks={"vqa": 1.0}', 'shapes={"vqa_qtypes": ["color"]}', "log_every=1"])
+        'stages.1.tasks={"vqa": 1.0}', 'shapes={"vqa_qtypes": ["color"]}', "log_every=1",
+        "image_size=32", 'system_prompt="Answer briefly."'])
     out = tmp_path_factory.mktemp("llava-smol")
     torch.manual_seed(0)
     model = build_model(recipe)
