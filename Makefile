@@ -49,7 +49,7 @@ test-fast: install
 # Re-resolve the lock for Python >= 3.10 on every platform, newest releases within pyproject.toml.
 lock: install
 	$(PIP) install --quiet uv
-	$(VENV)/bin/uv pip compile pyproject.toml --universal --python-version 3.10 --extra dev --extra data \
+	$(VENV)/bin/uv pip compile pyproject.toml --universal --python-version 3.10 --extra dev --extra data --extra real \
 		--upgrade --no-annotate --quiet --custom-compile-command "make lock" -o $(LOCK)
 	@echo "$(LOCK) refreshed: run 'make test' (it reinstalls from the new lock), then commit it"
 
