@@ -11,7 +11,7 @@ things after each run (``mmkit study NAME``, notebook 09, docs/benchmarks.md):
                  adapters, or every weight -> VQA with the image, and the LM's own text
                  metrics (``mmkit.eval.text_metrics``) against the base LM before stage 2.
 
-``steps`` scales every run to that many optimizer steps (``recipes.scale_budget``) so a study
+``steps`` (and ``batch_size``) scale every run to that many optimizer steps (``recipes.scale_budget``) so a study
 fits a budget: seconds in tests, minutes on a laptop, the recipe's own budget with None.
 """
 from __future__ import annotations
@@ -44,14 +44,14 @@ def _train(recipe, out: Path, seed_name: str):
     return model, time.perf_counter() - t0
 
 
-def _budget(recipe, steps: int | None):
+def _budget(recipe, steps: int | None, batch_size: int | None = None):
     from mmkit.recipes import scale_budget
 
-    return recipe if steps is None else scale_budget(recipe, steps)
+    return recipe if steps is None and batch_size is None else scale_budget(recipe, steps or recipe.total_steps(), batch_size)
 
 
 def caption_style_study(styles: Sequence[str] | None = None, *, steps: int | None = None, n: int = 300,
-                        out: str | Path = "runs/study-captions") -> list[dict[str, Any]]:
+                        out: str | Path = "runs/study-captions", batch_size: int | None = None) -> list[dict[str, Any]]:
     """llava-tiny trained once per caption style; one row per style: VQA accuracy, caption
     CHAIR_i / recall / F1 (objects parsed from its captions against the scene), POPE F1 and
     yes-ratio, training seconds. Every run sees the same images and questions: only the
@@ -66,7 +66,7 @@ def caption_style_study(styles: Sequence[str] | None = None, *, steps: int | Non
         raise ValueError(f"caption_style_study: unknown style(s) {bad}; choose from {CAPTION_STYLES}")
     rows = []
     for style in styles:
-        recipe = apply_overrides(_budget(get_recipe("llava-tiny"), steps), [f'shapes={{"caption_style": "{style}"}}'])
+        recipe = apply_overrides(_budget(get_recipe("llava-tiny"), steps, batch_size), [f'shapes={{"caption_style": "{style}"}}'])
         model, seconds = _train(recipe, Path(out), style)
         vqa, cap, pope = (evaluate(model, t, n=n) for t in ("vqa", "caption", "pope"))
         rows.append({"caption_style": style, "vqa": vqa["accuracy"], "chair_i": cap["chair_i"],
@@ -77,7 +77,7 @@ def caption_style_study(styles: Sequence[str] | None = None, *, steps: int | Non
 
 
 def forgetting_study(modes: Sequence[str] | None = None, *, steps: int | None = None, n: int = 300,
-                     out: str | Path = "runs/study-forgetting") -> list[dict[str, Any]]:
+                     out: str | Path = "runs/study-forgetting", batch_size: int | None = None) -> list[dict[str, Any]]:
     """llava-tiny with stage 2 training the LM frozen / with LoRA / fully; the first row is
     the base LM before any image training. Columns: VQA with the image (not for the base),
     the LM's held-out text perplexity and its reading accuracy (``text_metrics``)."""
@@ -93,7 +93,7 @@ def forgetting_study(modes: Sequence[str] | None = None, *, steps: int | None = 
     rows = [{"stage 2 trains": "(base LM, before stage 2)", "vqa": None, "perplexity": base["perplexity"],
              "reading_vqa": base["reading_vqa"]}]
     for mode in modes:
-        recipe = apply_overrides(_budget(get_recipe("llava-tiny"), steps), FORGETTING_MODES[mode])
+        recipe = apply_overrides(_budget(get_recipe("llava-tiny"), steps, batch_size), FORGETTING_MODES[mode])
         model, seconds = _train(recipe, Path(out), mode)
         text = text_metrics(model, n=n, ppl_n=n)
         rows.append({"stage 2 trains": {"frozen": "bridge (LM frozen)", "lora": "bridge + LoRA",
