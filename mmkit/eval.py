@@ -57,7 +57,7 @@ from mmkit.language import IMAGE_TOKEN
 
 __all__ = ["evaluate", "TASKS", "strip_images", "describe_images", "model_world", "evaluate_drawing",
            "itc_embed", "retrieval", "few_shot_record", "evaluate_few_shot", "FEW_SHOT_TASKS", "compare_few_shot",
-           "PARSERS", "judge_answer", "answer_correct", "says_yes", "pope_by_type", "parser_ranking", "text_metrics"]
+           "PARSERS", "caption_scores", "judge_answer", "answer_correct", "says_yes", "pope_by_type", "parser_ranking", "text_metrics"]
 
 TASKS = ("vqa", "pope", "ground", "caption", "draw")
 
@@ -276,6 +276,12 @@ def _caption_metrics(records, preds, parser: str = "lenient") -> dict[str, Any]:
         "f1": 2 * precision * recall / max(1e-9, precision + recall),
         "chair_i": 1 - precision if n_pred else 0.0,
     }
+
+
+def caption_scores(records, captions: Sequence[str]) -> dict[str, Any]:
+    """Object precision / recall / F1 and CHAIR_i of ``captions`` against the records' scenes:
+    the caption metrics of ``evaluate``, for any text (a model's, or a data set's own captions)."""
+    return _caption_metrics(records, captions)
 
 
 _METRICS = {"vqa": _vqa_metrics, "pope": _pope_metrics, "ground": _ground_metrics, "caption": _caption_metrics}
