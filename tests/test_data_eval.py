@@ -261,3 +261,12 @@ def test_exercise_mistakes(capsys):
     assert not ex.check("pope_by_type", pooled) and "negatives" in capsys.readouterr().out
     assert not ex.check("fool_chair", lambda scene: "a small red star.") and "CHAIR" in capsys.readouterr().out
     assert not ex.check("fool_chair", caption) and "true" in capsys.readouterr().out
+
+
+def test_cli_study_arguments():
+    from mmkit.cli import build_parser, cmd_study
+
+    args = build_parser().parse_args(["study", "forgetting", "--steps", "40", "--n", "50"])
+    assert args.fn is cmd_study and args.name == "forgetting" and args.steps == 40 and args.n == 50
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["study", "everything"])
