@@ -3,6 +3,8 @@
     mmkit train --recipe llava-tiny [--out DIR] [--set key=value ...]
     mmkit chat  --checkpoint DIR --image PATH "question"
     mmkit eval  --checkpoint DIR --task vqa|pope|ground|caption|ocr [--split test] [--n N] [--json] [--blind | --oracle]
+                [--parser strict|lenient|judge]  [--text-only: the LM alone, perplexity + reading]
+    mmkit study captions|forgetting [--steps N] [--n N]   llava-tiny retrained per setting (mmkit.studies)
     mmkit curves DIR [DIR ...] --out FIG.png   learning curves (train --curve) side by side
     mmkit demo [--checkpoint DIR ...] [--port N] [--share]   the chat demo in the browser
     mmkit zoo build [--out DIR]      retrain the tiny pre-trained ViT and LM from scratch
@@ -83,17 +85,39 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------------- eval
 def cmd_eval(args: argparse.Namespace) -> int:
-    from mmkit.eval import evaluate
+    from mmkit.eval import evaluate, text_metrics
     from mmkit.train import load_model
 
     model = load_model(args.checkpoint)
-    res = evaluate(model, args.task, split=args.split, n=args.n, blind=args.blind, oracle=args.oracle,
-                   batch_size=args.batch_size)
-    if not args.json:
-        for k, v in res.items():
-            print(f"{k:>12}: {v}")
+    if args.text_only:  # the language model alone: did image training make it forget text?
+        res = text_metrics(model, n=args.n, ppl_n=args.n, batch_size=args.batch_size)
     else:
+        res = evaluate(model, args.task, split=args.split, n=args.n, blind=args.blind, oracle=args.oracle,
+                       batch_size=args.batch_size, parser=args.parser)
+    if args.json:
         _print_json_last(res)
+        return 0
+    per_type = res.pop("per_type", None) if args.task == "pope" and not args.text_only else None
+    for k, v in res.items():
+        print(f"{k:>12}: {v}")
+    if per_type:  # POPE split by how the negatives were drawn
+        print(f"\n{'negatives':>12}  {'n':>4}  {'accuracy':>8}  {'precision':>9}  {'recall':>6}  {'f1':>6}  yes-ratio")
+        for kind, m in per_type.items():
+            print(f"{kind:>12}  {m['n']:>4}  {m['accuracy']:>8.3f}  {m['precision']:>9.3f}  {m['recall']:>6.3f}  "
+                  f"{m['f1']:>6.3f}  {m['yes_ratio']:.3f}")
+    return 0
+
+
+# ---------------------------------------------------------------------------- study
+def cmd_study(args: argparse.Namespace) -> int:
+    from mmkit import studies
+
+    fn = {"captions": studies.caption_style_study, "forgetting": studies.forgetting_study}[args.name]
+    kw = {"out": args.out} if args.out else {}
+    rows = fn(steps=args.steps, n=args.n, **kw)
+    for row in rows:
+        print("  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
+    _print_json_last({"study": args.name, "rows": rows})
     return 0
 
 
@@ -342,8 +366,20 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--blind", action="store_true", help="ask without the image (the LM-only baseline)")
     e.add_argument("--oracle", action="store_true",
                    help="replace the image by the scene's text description (perfect perception, in words)")
+    e.add_argument("--parser", default="lenient", choices=["strict", "lenient", "judge"],
+                   help="how answers are read: exact string, normalised (default), or a model-free judge of free text")
+    e.add_argument("--text-only", action="store_true",
+                   help="the LM alone: held-out text perplexity and reading accuracy (forgetting)")
     e.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     e.set_defaults(fn=cmd_eval)
+
+    st = sub.add_parser("study", help="retrain llava-tiny per setting and compare (mmkit.studies)")
+    st.add_argument("name", choices=["captions", "forgetting"],
+                    help="captions: stage 1 caption style web/brief/detailed; forgetting: LM frozen/LoRA/full")
+    st.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default: the recipe's)")
+    st.add_argument("--n", type=int, default=300, help="test questions per metric")
+    st.add_argument("--out", default=None, help="folder for the runs (default runs/study-NAME)")
+    st.set_defaults(fn=cmd_study)
 
     k = sub.add_parser("curves", help="draw learning curves (mmkit train --curve) side by side")
     k.add_argument("dirs", nargs="+", metavar="DIR", help="run folders or shipped models with a curve.jsonl")

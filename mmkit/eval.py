@@ -6,7 +6,8 @@ scores the text it writes:
     vqa      exact match after normalisation ("Red." == "red"), overall and per
              question type (color, shape, count, relation, exists)
     pope     yes/no object probes (POPE, Li et al. 2023): accuracy, precision, recall,
-             F1 and the yes-ratio (a model that says "yes" to everything has 1.0)
+             F1 and the yes-ratio (a model that says "yes" to everything has 1.0), pooled and
+             ``per_type``: split by how the negative was drawn (random / popular / adversarial)
     ground   <ref>..</ref><box>(x1,y1),(x2,y2)</box> answers: Acc@IoU>=0.5, mean IoU,
              how many answers held no well-formed box, and how many held a malformed one
     caption  objects recovered from the caption by ShapesWorld's parser against the
@@ -24,6 +25,18 @@ Beyond ``evaluate``'s tasks, two evaluations that need more than a question:
     retrieval   image <-> text R@1 in a BLIP-2 Q-Former's ITC space (``retrieval``)
     few-shot    interleaved documents with 0, 2, 4 solved examples before the query
                 image (Flamingo, KOSMOS-1, PaLM-E: ``evaluate_few_shot``)
+
+How an answer is read is a choice that changes the score (``parser``, ``PARSERS``):
+
+    strict   the exact string ("Red." is wrong when the answer is "red")
+    lenient  ``normalize_answer`` on both sides (case, punctuation, articles, "two" == "2"); the default
+    judge    a model-free judge: reads the scene-graph facts out of free text ("The star is
+             red, I think." -> colour red; "There is no blue square." -> no), as an LLM judge
+             would, but by rules anyone can read (``judge_answer``)
+
+``parser_ranking`` scores several models with every parser: the ranking may flip.
+``text_metrics`` measures the language model alone (perplexity on held-out ShapesWorld text
+and its reading accuracy): before and after image training, it shows what the LM forgot.
 
 ``blind=True`` asks the same questions with the image removed: the language model's
 priors alone. A bridge is only worth something by how far it beats this baseline.
@@ -48,7 +61,8 @@ from mmkit.language import IMAGE_TOKEN
 
 __all__ = ["evaluate", "vqa_match", "TASKS", "character_error_rate", "edit_distance", "strip_images", "describe_images",
            "model_world", "evaluate_drawing",
-           "itc_embed", "retrieval", "few_shot_record", "evaluate_few_shot", "FEW_SHOT_TASKS"]
+           "itc_embed", "retrieval", "few_shot_record", "evaluate_few_shot", "FEW_SHOT_TASKS", "compare_few_shot",
+           "PARSERS", "caption_scores", "judge_answer", "answer_correct", "says_yes", "pope_by_type", "parser_ranking", "text_metrics"]
 
 TASKS = ("vqa", "pope", "ground", "caption", "ocr", "draw")
 
@@ -117,11 +131,77 @@ def vqa_match(prediction: str, truth: str) -> bool:
     return normalize_answer(prediction) == normalize_answer(truth)
 
 
-def _vqa_metrics(records, preds) -> dict[str, Any]:
+# ------------------------------------------------------------------ reading answers
+PARSERS = ("strict", "lenient", "judge")
+_NEGATIONS = {"no", "not", "none", "nothing", "neither", "nor", "never", "isn", "aren", "false"}
+_AFFIRMATIONS = {"yes", "true", "correct", "indeed"}
+
+
+def judge_answer(prediction: str, record: dict) -> str | None:
+    """A model-free judge: the answer a free-text reply gives, read as scene-graph facts.
+
+    The question type (``record["meta"]``) says which fact to look for: a colour, a shape,
+    a number, or yes / no. "The star is red." -> "red"; "I count two of them" -> "2";
+    "There is no blue square." -> "no"; "Yes, to the left." -> "yes". Returns the answer in
+    ``normalize_answer`` form, or None when the reply states no such fact or several
+    (an answer that hedges, "red or blue", is not given credit).
+    """
+    from mmkit.data.shapes import COLORS, normalize_answer, parse_caption
+    from mmkit.data.shapes.text import _SHAPE_WORDS
+
+    meta = record.get("meta", {})
+    qtype = meta.get("qtype") or meta.get("task")
+    words = normalize_answer(prediction.replace("'", " ")).split()
+    if qtype == "color":
+        found = {w for w in words if w in COLORS}
+    elif qtype == "shape":
+        found = {_SHAPE_WORDS[w] for w in words if w in _SHAPE_WORDS}
+    elif qtype == "count":
+        found = {next((w for w in words if w.isdigit()), None)} - {None}
+    elif qtype in ("exists", "relation", "pope"):
+        first = next((w for w in words if w in _NEGATIONS | _AFFIRMATIONS), None)
+        if first is not None:
+            return "no" if first in _NEGATIONS else "yes"
+        target = meta.get("target")  # "There is a red star." states the fact without a yes
+        said = {(c, sh) for _size, c, sh in parse_caption(prediction)}
+        return "yes" if target is not None and tuple(target) in said else None
+    else:
+        return normalize_answer(prediction)
+    return found.pop() if len(found) == 1 else None
+
+
+def answer_correct(prediction: str, record: dict, parser: str = "lenient") -> bool:
+    """Is ``prediction`` the record's answer, read by ``parser`` (one of ``PARSERS``)?"""
+    from mmkit.data.shapes import normalize_answer
+
+    gold = _answer(record)
+    if parser == "strict":
+        return prediction == gold
+    if parser == "lenient":
+        return vqa_match(prediction, gold)
+    if parser == "judge":
+        return judge_answer(prediction, record) == normalize_answer(gold)
+    raise ValueError(f"unknown parser {parser!r}; choose from {', '.join(PARSERS)}")
+
+
+def says_yes(prediction: str, record: dict, parser: str = "lenient") -> bool:
+    """Did a yes/no reply say yes? strict: exactly "yes"; lenient: starts with yes after
+    normalisation; judge: ``judge_answer``."""
+    from mmkit.data.shapes import normalize_answer
+
+    if parser == "strict":
+        return prediction == "yes"
+    if parser == "lenient":
+        return normalize_answer(prediction).startswith("yes")
+    if parser == "judge":
+        return judge_answer(prediction, {**record, "meta": {**record.get("meta", {}), "qtype": "pope"}}) == "yes"
+    raise ValueError(f"unknown parser {parser!r}; choose from {', '.join(PARSERS)}")
+
+
+def _vqa_metrics(records, preds, parser: str = "lenient") -> dict[str, Any]:
     per: dict[str, list[int]] = defaultdict(list)
     for r, p in zip(records, preds):
-        ok = int(vqa_match(p, _answer(r)))
-        per[r.get("meta", {}).get("qtype", "all")].append(ok)
+        per[r.get("meta", {}).get("qtype", "all")].append(int(answer_correct(p, r, parser)))
     allv = [v for vs in per.values() for v in vs]
     return {
         "accuracy": sum(allv) / max(1, len(allv)),
@@ -130,14 +210,14 @@ def _vqa_metrics(records, preds) -> dict[str, Any]:
     }
 
 
-def _pope_metrics(records, preds) -> dict[str, Any]:
+def _yes_no_scores(records, preds, parser: str) -> dict[str, Any]:
     from mmkit.data.shapes import normalize_answer
 
     tp = fp = tn = fn = 0
     yes = 0
     for r, p in zip(records, preds):
         gt = normalize_answer(_answer(r)) == "yes"
-        pr = normalize_answer(p).startswith("yes")
+        pr = says_yes(p, r, parser)
         yes += pr
         tp += gt and pr
         fp += (not gt) and pr
@@ -147,10 +227,31 @@ def _pope_metrics(records, preds) -> dict[str, Any]:
     precision = tp / max(1, tp + fp)
     recall = tp / max(1, tp + fn)
     f1 = 2 * precision * recall / max(1e-9, precision + recall)
-    return {"accuracy": (tp + tn) / n, "precision": precision, "recall": recall, "f1": f1, "yes_ratio": yes / n}
+    return {"accuracy": (tp + tn) / n, "precision": precision, "recall": recall, "f1": f1, "yes_ratio": yes / n,
+            "n": len(records)}
 
 
-def _ground_metrics(records, preds) -> dict[str, Any]:
+def pope_by_type(records, preds, parser: str = "lenient") -> dict[str, dict[str, Any]]:
+    """POPE's scores for each way of drawing the negatives (``random``, ``popular``,
+    ``adversarial``, from ``meta["pope_type"]``): pooled, an easy split hides a hard one."""
+    from mmkit.data.shapes import POPE_TYPES
+
+    out = {}
+    for kind in POPE_TYPES:
+        rows = [(r, p) for r, p in zip(records, preds) if r["meta"].get("pope_type") == kind]
+        if rows:
+            out[kind] = _yes_no_scores([r for r, _ in rows], [p for _, p in rows], parser)
+    return out
+
+
+def _pope_metrics(records, preds, parser: str = "lenient") -> dict[str, Any]:
+    out = _yes_no_scores(records, preds, parser)
+    out.pop("n")
+    out["per_type"] = pope_by_type(records, preds, parser)
+    return out
+
+
+def _ground_metrics(records, preds, parser: str = "lenient") -> dict[str, Any]:
     from mmkit.data.shapes import box_iou, find_boxes, parse_boxes
 
     # Model output is parsed leniently: the first well-formed box is scored, a malformed
@@ -170,7 +271,7 @@ def _ground_metrics(records, preds) -> dict[str, Any]:
             "malformed": malformed}
 
 
-def _caption_metrics(records, preds) -> dict[str, Any]:
+def _caption_metrics(records, preds, parser: str = "lenient") -> dict[str, Any]:
     from mmkit.data.shapes import parse_caption
 
     tp = n_pred = n_true = 0
@@ -220,6 +321,12 @@ def _ocr_metrics(records, preds) -> dict[str, Any]:
     return {"accuracy": sum(exact) / max(1, len(exact)), "cer": character_error_rate(preds, truths)}
 
 
+def caption_scores(records, captions: Sequence[str]) -> dict[str, Any]:
+    """Object precision / recall / F1 and CHAIR_i of ``captions`` against the records' scenes:
+    the caption metrics of ``evaluate``, for any text (a model's, or a data set's own captions)."""
+    return _caption_metrics(records, captions)
+
+
 _METRICS = {"vqa": _vqa_metrics, "pope": _pope_metrics, "ground": _ground_metrics, "caption": _caption_metrics,
             "ocr": _ocr_metrics}
 
@@ -236,12 +343,16 @@ def evaluate(
     world=None,
     max_new_tokens: int | None = None,
     return_predictions: bool = False,
+    parser: str = "lenient",
 ) -> dict[str, Any]:
     """Score ``model`` on ``n`` ShapesWorld ``split`` samples of ``task``.
 
     Returns a flat dict: ``task``, ``split``, ``n``, ``blind``, ``seconds`` and the
     task's metrics (see the module docstring); ``oracle`` when asked with descriptions.
+    ``parser`` (vqa, pope): how an answer is read, one of ``PARSERS``.
     """
+    if parser not in PARSERS:
+        raise ValueError(f"unknown parser {parser!r}; choose from {', '.join(PARSERS)}")
     if blind and oracle:
         raise ValueError("evaluate: blind (no image) and oracle (a description instead of the image) "
                          "exclude each other; pick one")
@@ -266,7 +377,9 @@ def evaluate(
     out = {"task": task, "split": split, "n": len(records), "blind": blind}
     if oracle:
         out["oracle"] = True
-    out.update(_METRICS[task](records, preds))
+    if parser != "lenient":
+        out["parser"] = parser
+    out.update(_METRICS[task](records, preds, parser))
     out["seconds"] = round(time.perf_counter() - t0, 2)
     if return_predictions:
         out["predictions"] = [
@@ -368,10 +481,11 @@ def retrieval(model, n: int = 100, split: str = "test", world=None, start: int =
 
 # ------------------------------------------------------------------ few-shot (interleaved documents)
 #: Few-shot tasks. "vqa": the interleaved question format of training ("Question: ..
-#: Answer: .."). "color" / "shape": an answer format never trained: single-object pictures
-#: labelled with one word, the object's colour (or shape); no question says which, so only
-#: the solved examples can tell the model what is asked.
-FEW_SHOT_TASKS = ("vqa", "color", "shape")
+#: Answer: .."). "color" / "shape" / "size": an answer format never trained: single-object
+#: pictures labelled with one word, the object's colour (or shape, or size: "small" /
+#: "large", a word no training answer is on its own); no question says which, so only the
+#: solved examples can tell the model what is asked.
+FEW_SHOT_TASKS = ("vqa", "color", "shape", "size")
 _SHOT_OFFSET = 1_000_000  # shots come from indices far from the queries'
 
 
@@ -415,14 +529,14 @@ def evaluate_few_shot(model, task: str = "color", shots: Sequence[int] = (0, 2, 
     Only the first line of each answer counts (the examples end their answers there).
     Returns ``{"task", "n", "accuracy": {shots: acc}, "format": {shots: share}}`` where
     ``format`` is the share of answers that are one word of the asked kind (a colour for
-    "color", a shape for "shape"; for "vqa" any single word): did the model pick up the
+    "color", a shape for "shape", a size for "size"; for "vqa" any single word): did the model pick up the
     answer format from the examples, right or wrong?
     """
-    from mmkit.data.shapes import COLORS, SHAPES, normalize_answer
+    from mmkit.data.shapes import COLORS, SHAPES, SIZES, normalize_answer
 
     if world is None:
         world = model_world(model) if task == "vqa" else model_world(model, min_objects=1, max_objects=1)
-    kind = {"color": set(COLORS), "shape": set(SHAPES)}.get(task)
+    kind = {"color": set(COLORS), "shape": set(SHAPES), "size": set(SIZES)}.get(task)
     out: dict[str, Any] = {"task": task, "n": n, "accuracy": {}, "format": {}}
     preds_all = {}
     for k in shots:
@@ -441,3 +555,84 @@ def evaluate_few_shot(model, task: str = "color", shots: Sequence[int] = (0, 2, 
     if return_predictions:
         out["predictions"] = preds_all
     return out
+
+
+def compare_few_shot(models: dict[str, Any], task: str = "size", shots: Sequence[int] = (0, 2, 4), *,
+                     n: int = 100, split: str = "test", world=None, batch_size: int = 16) -> dict[str, dict]:
+    """In-context learning of several models on the *same* few-shot documents.
+
+    ``models``: ``{"llava-tiny": m1, "flamingo-tiny": m2, "kosmos-tiny": m3}``. A shallow-fusion
+    model (LLaVA: image tokens in the input, trained on single-image chats), a deep-fusion one
+    (Flamingo: cross-attention inside a frozen LM) and a native one (KOSMOS-1: trained on
+    interleaved documents) read identical prompts (one world for all, 64 px unless ``world``
+    says otherwise). Each model may use its LM's whole context window (a 4-shot prompt costs
+    LLaVA 5 x 64 image tokens, more than its training max_length). Returns
+    ``{name: evaluate_few_shot(...) + {"prompt_tokens": tokens of the longest prompt}}``.
+    """
+    from mmkit.data.shapes import ShapesConfig, ShapesWorld
+    from mmkit.native.interleaved import token_budget
+
+    if not models:
+        raise ValueError("compare_few_shot: pass at least one model, e.g. {'llava-tiny': model}")
+    if world is None:
+        single = {} if task == "vqa" else {"min_objects": 1, "max_objects": 1}
+        world = ShapesWorld(ShapesConfig(image_size=64, **single), seed=0)
+    out = {}
+    for name, m in models.items():
+        proc = m.processor
+        limit = proc.max_length
+        proc.max_length = max(limit, getattr(getattr(m.lm, "config", None), "max_position_embeddings", limit))
+        try:
+            out[name] = evaluate_few_shot(m, task, shots, n=n, split=split, world=world, batch_size=batch_size)
+        finally:
+            proc.max_length = limit
+        longest = few_shot_record(world, split, 0, max(shots), task)
+        out[name]["prompt_tokens"] = token_budget(m, longest)["total"]
+    return out
+
+
+# ------------------------------------------------------------------ how the answer is read
+def parser_ranking(models: dict[str, Any], task: str = "vqa", *, n: int = 200, split: str = "test",
+                   parsers: Sequence[str] = PARSERS, batch_size: int = 32, world=None) -> dict[str, Any]:
+    """Score every model with every parser on the same questions, and rank them per parser.
+
+    Each model answers once (greedy); its answers are then read by each parser. Returns
+    ``{"scores": {model: {parser: accuracy}}, "ranking": {parser: [best model, ...]},
+    "flipped": bool}``: ``flipped`` is True when two parsers do not agree on the order, i.e.
+    the leaderboard measures the answer *format* as much as the model.
+    """
+    if task not in ("vqa", "pope"):
+        raise ValueError(f"parser_ranking compares yes/no and short answers: task 'vqa' or 'pope', got {task!r}")
+    bad = [p for p in parsers if p not in PARSERS]
+    if bad:
+        raise ValueError(f"unknown parser(s) {bad}; choose from {', '.join(PARSERS)}")
+    scores: dict[str, dict[str, float]] = {}
+    for name, model in models.items():
+        w = world or model_world(model)
+        records = _records(task, split, n, w)
+        preds = _generate(model, records, batch_size, {"vqa": 12, "pope": 12}[task])
+        scores[name] = {p: _METRICS[task](records, preds, p)["accuracy"] for p in parsers}
+    ranking = {p: sorted(scores, key=lambda m: -scores[m][p]) for p in parsers}
+    orders = {tuple(r) for r in ranking.values()}
+    return {"task": task, "n": n, "scores": scores, "ranking": ranking, "flipped": len(orders) > 1}
+
+
+# ------------------------------------------------------------------ the language model alone
+def text_metrics(model, *, n: int = 200, ppl_n: int = 200, world=None, batch_size: int = 32) -> dict[str, Any]:
+    """What the VLM's language model can still do with text alone (catastrophic forgetting).
+
+    ``perplexity``: on ``ppl_n`` held-out ShapesWorld text documents (``val`` split of the LM's
+    own pre-training corpus, ``mmkit.pretrain.lm.lm_corpus``), lower is better; ``reading_vqa``
+    (+ per type): ``n`` test questions answered from the scene's text description
+    (``evaluate(..., oracle=True)``, as ``zoo.reading_accuracy`` measures the base LM).
+    Call it before and after stage 2: Flamingo keeps its LM frozen because fine-tuning it
+    cost 8-13% on text (Alayrac et al. 2022), EVE mixes text-only data back in.
+    """
+    from mmkit.data.shapes import ShapesWorld
+    from mmkit.pretrain.lm import lm_corpus, perplexity
+
+    world = world or ShapesWorld()
+    ppl = perplexity(model.lm, model.tokenizer, lm_corpus(world, "val", ppl_n))
+    reading = evaluate(model, "vqa", n=n, oracle=True, batch_size=batch_size, world=world)
+    return {"perplexity": ppl, "reading_vqa": reading["accuracy"], "reading_per_type": reading["per_type"],
+            "n": n, "ppl_n": ppl_n}

@@ -26,7 +26,7 @@ the student's module and compares outputs. ``progress()`` shows what this user h
 
 ``core`` holds the framework (``register``, ``check``, ``solution``, the registry); each
 notebook's exercises live in a module of their own (``tour`` for 00, ``vision_encoder``
-for 01, ``llava`` for 02, ``blip2`` for 03, ...) that calls
+for 01, ``llava`` for 02, ``blip2`` for 03, ..., ``data_eval`` for 09) that calls
 ``register(Exercise(...), solution_source)``; ``check`` / ``solution`` find them all.
 """
 from __future__ import annotations
@@ -37,9 +37,10 @@ from mmkit.exercises.core import (EXERCISES, Exercise, _reference, check, list_e
 from mmkit.exercises.tour import check_count_image_tokens, check_vqa_accuracy  # 00
 from mmkit.exercises.vision_encoder import check_clip_loss, check_patchify  # 01
 from mmkit.exercises.llava import check_label_mask, check_merge_image_tokens  # 02
+from mmkit.exercises.data_eval import check_dpo_loss, check_fool_chair, check_pope_by_type  # 09
 
 __all__ = [
     "EXERCISES", "Exercise", "check", "solution", "list_exercises", "register", "progress", "reset",
     "check_count_image_tokens", "check_vqa_accuracy", "check_patchify", "check_clip_loss",
-    "check_label_mask", "check_merge_image_tokens",
+    "check_label_mask", "check_merge_image_tokens", "check_dpo_loss", "check_pope_by_type", "check_fool_chair",
 ]

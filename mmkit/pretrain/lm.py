@@ -24,7 +24,7 @@ from mmkit.pretrain.common import apply_step, length_buckets, optimizer_step, pr
 from mmkit.train import warmup_cosine
 
 __all__ = ["LM_CHAT_TASKS", "READING_TASKS", "lm_corpus", "reading_corpus", "build_tokenizer", "answer_mask",
-           "lm_backward", "train_lm"]
+           "lm_backward", "train_lm", "perplexity"]
 
 
 # ------------------------------------------------------------------------- the text
@@ -152,6 +152,24 @@ def lm_backward(lm, ids: Tensor, mask: Tensor, answers: Tensor | None = None, we
     return total
 
 
+@torch.no_grad()
+def perplexity(lm, tokenizer, texts: list[str], batch_size: int = 64, max_len: int = 160) -> float:
+    """exp(mean next-token loss) of a causal LM over ``texts`` (every real token counts)."""
+    was_training = lm.training
+    lm.eval()
+    device = next(lm.parameters()).device
+    nll, ntok = 0.0, 0
+    for i in range(0, len(texts), batch_size):
+        x, m = tokenize(tokenizer, texts[i:i + batch_size], max_len)
+        x, m = x.to(device), m.to(device)
+        labels = x.masked_fill(m == 0, -100)
+        n = int((labels[:, 1:] != -100).sum())
+        nll += float(lm(input_ids=x, attention_mask=m, labels=labels).loss) * n
+        ntok += n
+    lm.train(was_training)
+    return math.exp(nll / max(1, ntok))
+
+
 def train_lm(world, tokenizer, s: dict, progress: bool = True, on_step=None) -> tuple[nn.Module, dict]:
     """Causal-LM pre-training of the tiny Llama on ShapesWorld text.
 
@@ -203,16 +221,7 @@ def train_lm(world, tokenizer, s: dict, progress: bool = True, on_step=None) -> 
     train_s = time.perf_counter() - t0 - measured  # training alone, without the callback's measurements
     lm.eval()
 
-    # Held-out perplexity on validation text.
-    val = lm_corpus(world, "val", s["ppl_n"])
-    nll, ntok = 0.0, 0
-    with torch.no_grad():
-        for i in range(0, len(val), 64):
-            x, m = tokenize(tokenizer, val[i:i + 64], 160)
-            labels = x.masked_fill(m == 0, -100)
-            n = int((labels[:, 1:] != -100).sum())
-            nll += float(lm(input_ids=x, attention_mask=m, labels=labels).loss) * n
-            ntok += n
-    report = {"val_perplexity": round(math.exp(nll / max(1, ntok)), 3), "train_seconds": round(train_s, 1),
+    ppl = perplexity(lm, tokenizer, lm_corpus(world, "val", s["ppl_n"]))  # held-out validation text
+    report = {"val_perplexity": round(ppl, 3), "train_seconds": round(train_s, 1),
               "params": sum(p.numel() for p in lm.parameters()), "steps": s["lm_steps"]}
     return lm, report

@@ -31,7 +31,8 @@ upper-case **text** (2-4 letters/digits) rendered with the bundled DejaVu Sans B
 From the scene graph we write text for every task in :data:`TASKS`:
 
 =============  =====================================================================================
-``caption``    "a large red circle and a small blue star."
+``caption``    "a large red circle and a small blue star." (``ShapesConfig.caption_style``: ``web``
+               noisy alt-text, ``brief`` this, ``detailed`` every object, place and relation)
 ``detail``     every object with size, colour, shape and position, the relations, the text
 ``vqa``        colour / shape / count / relation / exists questions; one-word answers
 ``pope``       POPE hallucination probes "Is there a red star in the image?" -> "yes" / "no", with
@@ -106,17 +107,19 @@ from __future__ import annotations
 from mmkit.data.grounding import Box, box_iou, find_boxes, format_box, format_ref_box, parse_boxes, to_box
 from mmkit.data.shapes.render import FONT_PATH, looks_like_shapesworld, render_scene
 from mmkit.data.shapes.scene import (
-    _TEXT_COLORS, COLORS, HOLDOUT_PAIRS, MULTI_QTYPES, POPE_TYPES, SHAPE_EXTENT, SHAPE_POLYGONS, SHAPES,
+    _TEXT_COLORS, CAPTION_STYLES, COLORS, HOLDOUT_PAIRS, MULTI_QTYPES, POPE_TYPES, SHAPE_EXTENT, SHAPE_POLYGONS, SHAPES,
     SIZE_RADIUS, SIZES, SMALL_TEXT_HEIGHT, SPLITS, TASKS, TEXT_ALPHABET, VQA_QTYPES, Background, Obj, Rng, SceneSampler, Scene,
     ShapesConfig, Size, TextLabel, relations,
 )
 from mmkit.data.shapes.tasks import ShapesDataset, ShapesWorld, benchmark
-from mmkit.data.shapes.text import NUMBER_WORDS, PLURALS, normalize_answer, parse_caption, position_phrase
+from mmkit.data.shapes.text import (
+    NUMBER_WORDS, PLURALS, normalize_answer, parse_caption, position_phrase, styled_caption, web_caption,
+)
 
 __all__ = [
     "COLORS", "SHAPES", "SIZES", "SPLITS", "TASKS", "HOLDOUT_PAIRS", "VQA_QTYPES", "POPE_TYPES",
-    "MULTI_QTYPES", "TEXT_ALPHABET", "SMALL_TEXT_HEIGHT", "FONT_PATH",
+    "MULTI_QTYPES", "CAPTION_STYLES", "TEXT_ALPHABET", "SMALL_TEXT_HEIGHT", "FONT_PATH",
     "ShapesConfig", "Obj", "TextLabel", "Background", "Scene", "ShapesWorld", "ShapesDataset",
     "Rng", "format_box", "format_ref_box", "parse_boxes", "find_boxes", "box_iou",
-    "normalize_answer", "parse_caption", "benchmark", "looks_like_shapesworld",
+    "normalize_answer", "parse_caption", "styled_caption", "web_caption", "benchmark", "looks_like_shapesworld",
 ]

@@ -25,7 +25,7 @@ from typing import Any, Mapping, Sequence, Union
 
 __all__ = [
     "COLORS", "SHAPES", "SIZES", "SPLITS", "TASKS", "HOLDOUT_PAIRS", "VQA_QTYPES", "POPE_TYPES",
-    "MULTI_QTYPES", "TEXT_ALPHABET", "SMALL_TEXT_HEIGHT", "SIZE_RADIUS", "SHAPE_POLYGONS", "SHAPE_EXTENT", "Size",
+    "MULTI_QTYPES", "CAPTION_STYLES", "TEXT_ALPHABET", "SMALL_TEXT_HEIGHT", "SIZE_RADIUS", "SHAPE_POLYGONS", "SHAPE_EXTENT", "Size",
     "Rng", "ShapesConfig", "Obj", "TextLabel", "Background", "Scene", "relations", "SceneSampler",
 ]
 
@@ -57,6 +57,10 @@ TASKS: tuple[str, ...] = (
 VQA_QTYPES: tuple[str, ...] = ("color", "shape", "count", "relation", "exists")
 POPE_TYPES: tuple[str, ...] = ("random", "popular", "adversarial")
 MULTI_QTYPES: tuple[str, ...] = ("more_shape", "more_objects", "which_has", "both_have")
+#: How the ``caption`` task's answers are written (``ShapesConfig.caption_style``): ``web`` is
+#: noisy alt-text (objects missing, colours wrong, filler words), ``brief`` the clean short
+#: caption, ``detailed`` every object with its place and every relation (re-captioning).
+CAPTION_STYLES: tuple[str, ...] = ("web", "brief", "detailed")
 
 #: Colour-shape pairs that only the ``holdout`` split ever shows (or mentions). Each colour is
 #: held out once and every shape at least once, so train still sees every word many times.
@@ -206,6 +210,8 @@ class ShapesConfig:
     shots: tuple[int, int] = (1, 3)       # interleaved: min/max in-context examples
     chat_turns: int = 4                   # chat: at most this many question turns (one per qtype)
     popular_pool: int = 500               # scenes counted to find a split's "popular" objects
+    caption_style: str = "brief"          # the caption task's answers: one of CAPTION_STYLES
+    caption_noise: float = 0.3            # web style: P(an object is left out), P(its colour is wrong)
 
     def __post_init__(self):
         bad = [c for c in self.colors if c not in COLORS]
@@ -236,6 +242,10 @@ class ShapesConfig:
             raise ValueError(f"ShapesConfig.vqa_qtypes: {bad or 'empty'}; choose from {VQA_QTYPES}")
         if not 1 <= self.shots[0] <= self.shots[1] <= 8:
             raise ValueError(f"ShapesConfig.shots must satisfy 1 <= min <= max <= 8, got {self.shots}")
+        if self.caption_style not in CAPTION_STYLES:
+            raise ValueError(f"ShapesConfig.caption_style must be one of {CAPTION_STYLES}, got {self.caption_style!r}")
+        if not 0.0 <= self.caption_noise <= 1.0:
+            raise ValueError(f"ShapesConfig.caption_noise is a probability in [0, 1], got {self.caption_noise}")
         _parse_size(self.image_size)
         self.colors, self.shapes = tuple(self.colors), tuple(self.shapes)
         self.holdout_pairs = tuple((c, s) for c, s in self.holdout_pairs)

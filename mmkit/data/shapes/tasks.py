@@ -22,7 +22,7 @@ from mmkit.data.shapes.scene import (
     _OPPOSITE, MULTI_QTYPES, POPE_TYPES, TASKS, VQA_QTYPES, Obj, Rng, Scene, SceneSampler, ShapesConfig, Size,
     TextLabel, _parse_size, relations,
 )
-from mmkit.data.shapes.text import PLURALS, _cap, caption, detail, draw_prompt
+from mmkit.data.shapes.text import PLURALS, _cap, caption, detail, draw_prompt, styled_caption
 
 __all__ = ["ShapesWorld", "ShapesDataset", "benchmark"]
 
@@ -341,8 +341,8 @@ class ShapesWorld(SceneSampler):
                         {"from": "human", "value": rng.choice(_T_DRAW).format(desc=meta["prompt"])},
                         {"from": "gpt", "value": "<image>"}],
                     "meta": meta}
-        if task == "caption":
-            q, a = rng.choice(_T_CAPTION), self.caption(scene)
+        if task == "caption":  # written in the world's caption style (brief unless configured)
+            q, a = rng.choice(_T_CAPTION), styled_caption(scene, self.config.caption_style, self.config.caption_noise)
         elif task == "detail":
             q, a = rng.choice(_T_DETAIL), self.detail(scene)
         elif task == "vqa":

@@ -12,10 +12,11 @@ from __future__ import annotations
 import re
 from typing import Sequence
 
-from mmkit.data.shapes.scene import COLORS, SHAPES, Scene, relations
+from mmkit.data.shapes.scene import CAPTION_STYLES, COLORS, SHAPES, Rng, Scene, relations
 
 __all__ = [
-    "PLURALS", "NUMBER_WORDS", "position_phrase", "caption", "draw_prompt", "detail",
+    "PLURALS", "NUMBER_WORDS", "position_phrase", "caption", "draw_prompt", "detail", "web_caption",
+    "styled_caption",
     "normalize_answer", "parse_caption",
 ]
 
@@ -89,6 +90,44 @@ def detail(scene: Scene) -> str:
         t = scene.text
         parts.append(f'The text "{t.text}" is written {position_phrase(t.cx, t.cy)}.')
     return " ".join(parts)
+
+
+_WEB_BEFORE = ("", "", "image of", "stock photo:", "picture of", "free", "cute", "download")
+_WEB_AFTER = ("", "", "hd wallpaper", "clipart", "vector illustration", "for kids", "png", "art print")
+
+
+def web_caption(scene: Scene, noise: float = 0.3) -> str:
+    """Noisy alt-text, as scraped from the web: "stock photo: blue circle and star clipart".
+
+    Each object is left out with probability ``noise`` (one always stays), named with the
+    wrong colour with probability ``noise``, its size said only half the time, filler words
+    around it, the OCR text never. The noise is a pure function of the scene (its own random
+    stream), so the same scene always gets the same bad caption.
+    """
+    rng = Rng(scene.key + "/web")
+    objs = sorted(scene.objects, key=lambda o: (o.cx, o.cy))
+    kept = [o for o in objs if not rng.chance(noise)] or objs[:1]
+    phrases = []
+    for o in kept:
+        color = o.color
+        if rng.chance(noise):
+            color = rng.choice([c for c in COLORS if c != o.color])
+        size = f"{o.size} " if rng.chance(0.5) else ""
+        phrases.append(f"{size}{color} {o.shape}")
+    before, after = rng.choice(_WEB_BEFORE), rng.choice(_WEB_AFTER)
+    return " ".join(w for w in (before, _join(phrases), after) if w)
+
+
+def styled_caption(scene: Scene, style: str = "brief", noise: float = 0.3) -> str:
+    """The caption of ``scene`` in one of ``CAPTION_STYLES``: ``web`` (:func:`web_caption`),
+    ``brief`` (:func:`caption`) or ``detailed`` (:func:`detail`: every object, place and relation)."""
+    if style == "brief":
+        return caption(scene)
+    if style == "detailed":
+        return detail(scene)
+    if style == "web":
+        return web_caption(scene, noise)
+    raise ValueError(f"caption style must be one of {CAPTION_STYLES}, got {style!r}")
 
 
 # ------------------------------------------------------------------------------------------------
