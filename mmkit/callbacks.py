@@ -14,9 +14,10 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-__all__ = ["Callback", "StopTraining", "GateLogger", "AccuracyTracker", "CURVE", "load_curve", "compute_clock"]
+__all__ = ["Callback", "StopTraining", "GateLogger", "AccuracyTracker", "CURVE", "GATES", "load_curve", "load_gates", "compute_clock"]
 
 CURVE = "curve.jsonl"  # where `mmkit train --curve` and `mmkit zoo models --curve` keep an AccuracyTracker's records
+GATES = "gates.jsonl"  # where a GateLogger keeps the gate values of a Flamingo run (shipped with the model)
 
 
 class Callback:
@@ -41,7 +42,7 @@ class GateLogger(Callback):
     ``curves("xattn")`` gives ``{"layer 0": {step: value}}`` for ``mmkit.viz.plot_curves``.
     """
 
-    def __init__(self, every: int = 1, filename: str | None = "gates.jsonl"):
+    def __init__(self, every: int = 1, filename: str | None = GATES):
         self.every, self.filename = every, filename
         self.history: list[dict[str, float]] = []
 
@@ -159,12 +160,7 @@ class AccuracyTracker(Callback):
         self._since = self.clock()
 
 
-def load_curve(folder: str | Path) -> list[dict[str, Any]]:
-    """The learning-curve records a run or a shipped model keeps in ``folder/curve.jsonl``."""
-    path = Path(folder) / CURVE
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no learning curve here; train with `mmkit train --curve N` "
-                                "(or `mmkit zoo models --curve N`) to record one")
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     rows = []
     for i, line in enumerate(path.read_text().splitlines(), 1):
         try:
@@ -172,3 +168,24 @@ def load_curve(folder: str | Path) -> list[dict[str, Any]]:
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}:{i}: not a JSON record ({e}); delete the line or retrain") from None
     return rows
+
+
+def load_curve(folder: str | Path) -> list[dict[str, Any]]:
+    """The learning-curve records a run or a shipped model keeps in ``folder/curve.jsonl``."""
+    path = Path(folder) / CURVE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no learning curve here; train with `mmkit train --curve N` "
+                                "(or `mmkit zoo models --curve N`) to record one")
+    return _read_jsonl(path)
+
+
+def load_gates(folder: str | Path) -> GateLogger:
+    """The gate values a Flamingo run or a shipped Flamingo model keeps in ``folder/gates.jsonl``,
+    as a ``GateLogger`` (``.curves("xattn")`` / ``.curves("dense")`` for ``viz.plot_curves``)."""
+    path = Path(folder) / GATES
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no gate values here; train a Flamingo model with a GateLogger "
+                                "callback (`mmkit zoo models` adds one) to record them")
+    logger = GateLogger(filename=None)
+    logger.history = _read_jsonl(path)
+    return logger

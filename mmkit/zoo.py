@@ -32,7 +32,7 @@ from typing import Any, Sequence
 
 import torch
 
-from mmkit.callbacks import CURVE, AccuracyTracker, compute_clock
+from mmkit.callbacks import CURVE, GATES, AccuracyTracker, GateLogger, compute_clock
 from mmkit.paths import assets_dir
 from mmkit.pretrain.clip import TextTower, clip_loss, image_embedding, object_token_probe, region_loss, train_vision
 from mmkit.pretrain.lm import build_tokenizer, train_lm
@@ -235,8 +235,8 @@ def ship_checkpoint(src: str | Path, name: str, out: str | Path | None = None) -
     """Copy a trained checkpoint into ``<out>/tiny/models/<name>/`` for shipping.
 
     Keeps recipe.json, the trained tensors in fp16 (half the bytes; the demo loads them
-    into the fp32 model), a peft adapter if any and the run's learning curve (``curve.jsonl``)
-    if it has one; drops the optimizer state. Atomic:
+    into the fp32 model), a peft adapter if any, the run's learning curve (``curve.jsonl``)
+    and a Flamingo run's gate curves (``gates.jsonl``) if it has them; drops the optimizer state. Atomic:
     written next to the destination, then renamed.
     """
     import shutil
@@ -245,7 +245,7 @@ def ship_checkpoint(src: str | Path, name: str, out: str | Path | None = None) -
 
     from mmkit.train import ADAPTER, RECIPE, WEIGHTS, find_checkpoint
 
-    curve = Path(src) / CURVE
+    curves = [Path(src) / f for f in (CURVE, GATES)]
     src = find_checkpoint(src)
     dst = (Path(out) if out else assets_dir()) / MODELS_DIR / name
     staging = dst.with_name(dst.name + ".tmp")
@@ -257,8 +257,9 @@ def ship_checkpoint(src: str | Path, name: str, out: str | Path | None = None) -
     save_file(weights, str(staging / WEIGHTS), metadata={"format": "pt", "dtype": "float16"})
     if (src / ADAPTER).is_dir():
         shutil.copytree(src / ADAPTER, staging / ADAPTER)
-    if curve.is_file():
-        shutil.copy2(curve, staging / CURVE)
+    for curve in curves:
+        if curve.is_file():
+            shutil.copy2(curve, staging / curve.name)
     if dst.exists():
         shutil.rmtree(dst)
     staging.rename(dst)
@@ -294,7 +295,8 @@ def build_models(names: Sequence[str] = SHIPPED_MODELS, out: str | Path | None =
     every that many steps, ``curve.jsonl``; ``viz.plot_learning_curves``), which notebooks
     draw beside a student's run; the training seconds are then compute seconds (CPU time per
     torch thread, ``callbacks.compute_clock``: wall time on an idle machine) without the
-    evaluations.
+    evaluations. A model with gates (Flamingo) also ships their values over training
+    (``gates.jsonl``, ``GateLogger`` at about 200 points), which notebook 04 draws.
     """
     import tempfile
 
@@ -316,8 +318,10 @@ def build_models(names: Sequence[str] = SHIPPED_MODELS, out: str | Path | None =
             if curve_every:
                 callbacks.append(AccuracyTracker.every(curve_every, recipe.total_steps(), n=8 if smoke else eval_n,
                                                        filename=CURVE, clock=compute_clock()))
+            if hasattr(model, "gate_values"):
+                callbacks.append(GateLogger(every=max(1, recipe.total_steps() // 200)))
             Trainer(model, recipe, tmp, callbacks=callbacks, progress=progress).train()
-            seconds = callbacks[0].train_seconds if callbacks else time.perf_counter() - t0
+            seconds = callbacks[0].train_seconds if curve_every else time.perf_counter() - t0
             dst = ship_checkpoint(tmp, name, root)
         report[name] = {**model_report(dst, 8 if smoke else eval_n), "train_seconds": round(seconds, 1),
                         "torch_threads": torch.get_num_threads()}
