@@ -496,12 +496,18 @@ def flamingo_tiny() -> Recipe:
     (|tanh(alpha)| 0.01-0.08, VQA 0.450); at 1e-2 they reach 0.04-0.62 and VQA 0.600
     (measured, docs/benchmarks.md). This is mmkit's choice for a short CPU run, not the
     paper's (flamingo-hf keeps one rate).
+
+    A quarter of the interleaved documents are one-word labels of one-object scenes
+    (``ShapesConfig.label_attrs``: colour or shape, "<image>\nred\n<image>\nblue\n<image>\n"):
+    which attribute is asked, only the examples say, as in M3W's varied documents. Size is
+    left out, so ``evaluate_few_shot(model, "size")`` asks for a format never trained.
     """
     return Recipe(
         name="flamingo-tiny",
         family="flamingo",
         bridge="perceiver",
         bridge_kwargs={"num_latents": 16, "depth": 2, "num_heads": 4, "cross_every": 1, "gating": "tanh"},
+        shapes={"label_attrs": ("color", "shape")},
         stages=[
             Stage("xattn", train=["bridge", "xattn"], tasks=dict(FLAMINGO_MIX),
                   steps=600, lr=1e-3, lr_groups={"gates": 1e-2}, batch_size=16, warmup_steps=20),

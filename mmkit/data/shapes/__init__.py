@@ -107,7 +107,7 @@ from __future__ import annotations
 from mmkit.data.grounding import Box, box_iou, find_boxes, format_box, format_ref_box, parse_boxes, to_box
 from mmkit.data.shapes.render import FONT_PATH, looks_like_shapesworld, render_scene
 from mmkit.data.shapes.scene import (
-    _TEXT_COLORS, CAPTION_STYLES, COLORS, HOLDOUT_PAIRS, MULTI_QTYPES, POPE_TYPES, SHAPE_EXTENT, SHAPE_POLYGONS, SHAPES,
+    _TEXT_COLORS, CAPTION_STYLES, COLORS, LABEL_ATTRS, HOLDOUT_PAIRS, MULTI_QTYPES, POPE_TYPES, SHAPE_EXTENT, SHAPE_POLYGONS, SHAPES,
     SIZE_RADIUS, SIZES, SMALL_TEXT_HEIGHT, SPLITS, TASKS, TEXT_ALPHABET, VQA_QTYPES, Background, Obj, Rng, SceneSampler, Scene,
     ShapesConfig, Size, TextLabel, relations,
 )
@@ -118,7 +118,7 @@ from mmkit.data.shapes.text import (
 
 __all__ = [
     "COLORS", "SHAPES", "SIZES", "SPLITS", "TASKS", "HOLDOUT_PAIRS", "VQA_QTYPES", "POPE_TYPES",
-    "MULTI_QTYPES", "CAPTION_STYLES", "TEXT_ALPHABET", "SMALL_TEXT_HEIGHT", "FONT_PATH",
+    "MULTI_QTYPES", "CAPTION_STYLES", "LABEL_ATTRS", "TEXT_ALPHABET", "SMALL_TEXT_HEIGHT", "FONT_PATH",
     "ShapesConfig", "Obj", "TextLabel", "Background", "Scene", "ShapesWorld", "ShapesDataset",
     "Rng", "format_box", "format_ref_box", "parse_boxes", "find_boxes", "box_iou",
     "normalize_answer", "parse_caption", "styled_caption", "web_caption", "benchmark", "looks_like_shapesworld",

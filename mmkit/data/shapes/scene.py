@@ -25,7 +25,7 @@ from typing import Any, Mapping, Sequence, Union
 
 __all__ = [
     "COLORS", "SHAPES", "SIZES", "SPLITS", "TASKS", "HOLDOUT_PAIRS", "VQA_QTYPES", "POPE_TYPES",
-    "MULTI_QTYPES", "CAPTION_STYLES", "TEXT_ALPHABET", "SMALL_TEXT_HEIGHT", "SIZE_RADIUS", "SHAPE_POLYGONS", "SHAPE_EXTENT", "Size",
+    "MULTI_QTYPES", "CAPTION_STYLES", "LABEL_ATTRS", "TEXT_ALPHABET", "SMALL_TEXT_HEIGHT", "SIZE_RADIUS", "SHAPE_POLYGONS", "SHAPE_EXTENT", "Size",
     "Rng", "ShapesConfig", "Obj", "TextLabel", "Background", "Scene", "relations", "SceneSampler",
 ]
 
@@ -61,6 +61,7 @@ MULTI_QTYPES: tuple[str, ...] = ("more_shape", "more_objects", "which_has", "bot
 #: noisy alt-text (objects missing, colours wrong, filler words), ``brief`` the clean short
 #: caption, ``detailed`` every object with its place and every relation (re-captioning).
 CAPTION_STYLES: tuple[str, ...] = ("web", "brief", "detailed")
+LABEL_ATTRS: tuple[str, ...] = ("color", "shape", "size")   # one-word labels of an object (few-shot formats)
 
 #: Colour-shape pairs that only the ``holdout`` split ever shows (or mentions). Each colour is
 #: held out once and every shape at least once, so train still sees every word many times.
@@ -208,6 +209,8 @@ class ShapesConfig:
     frequency_skew: float = 1.0           # 0 = uniform; 1 = last colour/shape half as frequent
     vqa_qtypes: tuple[str, ...] = VQA_QTYPES
     shots: tuple[int, int] = (1, 3)       # interleaved: min/max in-context examples
+    label_attrs: tuple[str, ...] = ()     # interleaved: one-word label documents ("red\n"), one of these
+                                          # attributes of one-object scenes; () = captions and Q/A only
     chat_turns: int = 4                   # chat: at most this many question turns (one per qtype)
     popular_pool: int = 500               # scenes counted to find a split's "popular" objects
     caption_style: str = "brief"          # the caption task's answers: one of CAPTION_STYLES
@@ -242,6 +245,10 @@ class ShapesConfig:
             raise ValueError(f"ShapesConfig.vqa_qtypes: {bad or 'empty'}; choose from {VQA_QTYPES}")
         if not 1 <= self.shots[0] <= self.shots[1] <= 8:
             raise ValueError(f"ShapesConfig.shots must satisfy 1 <= min <= max <= 8, got {self.shots}")
+        bad = [a for a in self.label_attrs if a not in LABEL_ATTRS]
+        if bad:
+            raise ValueError(f"ShapesConfig.label_attrs: unknown attribute(s) {bad}; choose from {LABEL_ATTRS}")
+        self.label_attrs = tuple(self.label_attrs)
         if self.caption_style not in CAPTION_STYLES:
             raise ValueError(f"ShapesConfig.caption_style must be one of {CAPTION_STYLES}, got {self.caption_style!r}")
         if not 0.0 <= self.caption_noise <= 1.0:
@@ -466,10 +473,11 @@ class SceneSampler:
         self._check(split, index)
         return self._build_scene(split, self._key(split, index, "scene"), with_text)
 
-    def _build_scene(self, split: str, key: str, with_text: bool = False) -> Scene:
+    def _build_scene(self, split: str, key: str, with_text: bool = False, n_objects: int | None = None) -> Scene:
         cfg = self.config
         rng = Rng(key)
         n = rng.randint(cfg.min_objects, cfg.max_objects)
+        n = n if n_objects is None else n_objects
         pool, weights = self._pools["all" if split == "holdout" else "seen"]
         pairs: list[tuple[str, str]] = []
         if split == "holdout":                            # at least one never-seen combination

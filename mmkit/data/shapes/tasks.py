@@ -19,7 +19,7 @@ from PIL import Image
 from mmkit.data.grounding import Box, format_box, format_ref_box, to_box
 from mmkit.data.shapes.render import render_scene
 from mmkit.data.shapes.scene import (
-    _OPPOSITE, MULTI_QTYPES, POPE_TYPES, TASKS, VQA_QTYPES, Obj, Rng, Scene, SceneSampler, ShapesConfig, Size,
+    LABEL_ATTRS, _OPPOSITE, MULTI_QTYPES, POPE_TYPES, TASKS, VQA_QTYPES, Obj, Rng, Scene, SceneSampler, ShapesConfig, Size,
     TextLabel, _parse_size, relations,
 )
 from mmkit.data.shapes.text import PLURALS, _cap, caption, detail, draw_prompt, styled_caption
@@ -313,7 +313,8 @@ class ShapesWorld(SceneSampler):
         """One LLaVA-format record for ``task`` at ``(split, index)``; deterministic.
 
         Optional overrides: ``qtype`` (vqa: one of VQA_QTYPES; multi: one of MULTI_QTYPES),
-        ``pope_type``, ``shots`` and ``fmt`` ("caption" | "vqa") for interleaved. A forced qtype that
+        ``pope_type``, ``shots`` and ``fmt`` ("caption" | "vqa" | "label"; a label document's attribute is
+        ``qtype``, one of LABEL_ATTRS) for interleaved. A forced qtype that
         the scene at ``index`` cannot answer (e.g. "relation" with one object) is asked about a
         deterministic variant scene instead; ``meta["scene"]`` is always the scene shown.
         """
@@ -457,9 +458,12 @@ class ShapesWorld(SceneSampler):
         if k < 1:
             raise ValueError(f"interleaved needs shots >= 1, got {k}")
         forced = fmt is not None
-        fmt = fmt or rng.choice(("caption", "caption", "vqa"))
-        if fmt not in ("caption", "vqa"):
-            raise ValueError(f"interleaved fmt must be 'caption' or 'vqa', got {fmt!r}")
+        labels = self.config.label_attrs
+        fmt = fmt or rng.choice(("caption", "caption", "vqa") + (("label",) if labels else ()))
+        if fmt not in ("caption", "vqa", "label"):
+            raise ValueError(f"interleaved fmt must be 'caption', 'vqa' or 'label', got {fmt!r}")
+        if fmt == "label":                                  # "<image>\nred\n<image>\nblue\n<image>\n" -> the label
+            return self._label_document(split, index, rng, meta, rid, k, qtype, size)
         scenes = [self._build_scene(split, self._key(split, index, f"shot/{j}")) for j in range(k)]
         scenes.append(self.scene(split, index))            # the query image is the index's scene
         common = set(self.config.vqa_qtypes)               # question types every shot can answer
@@ -485,6 +489,22 @@ class ShapesWorld(SceneSampler):
         meta.update(shots=k, format=fmt, answer=answers[-1], shot_answers=answers[:-1], scenes=scenes)
         return {"id": rid, "images": [self.render(s, size) for s in scenes],
                 "conversations": [{"from": "human", "value": doc}, {"from": "gpt", "value": answers[-1]}],
+                "meta": meta}
+
+    def _label_document(self, split, index, rng, meta, rid, k, attr, size) -> dict:
+        """Few-shot labelling: one-object scenes, each followed by one attribute word; which
+        attribute only the examples tell (Flamingo's in-context learning, at ShapesWorld size).
+        ``mmkit.eval.few_shot_record`` writes its test prompts in the same form."""
+        attrs = self.config.label_attrs or LABEL_ATTRS
+        attr = attr or rng.choice(attrs)
+        if attr not in LABEL_ATTRS:
+            raise ValueError(f"interleaved label attribute must be one of {LABEL_ATTRS}, got {attr!r}")
+        scenes = [self._build_scene(split, self._key(split, index, f"label/{j}"), n_objects=1) for j in range(k + 1)]
+        labels = [getattr(s.objects[0], attr) for s in scenes]
+        doc = "".join(f"<image>\n{a}\n" for a in labels[:-1]) + "<image>\n"
+        meta.update(shots=k, format="label", label=attr, answer=labels[-1], shot_answers=labels[:-1], scenes=scenes)
+        return {"id": rid, "images": [self.render(s, size) for s in scenes],
+                "conversations": [{"from": "human", "value": doc}, {"from": "gpt", "value": labels[-1]}],
                 "meta": meta}
 
     # -- mixtures, corpora -----------------------------------------------------------------------
