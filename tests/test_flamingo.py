@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from mmkit.bridges.flamingo import PerceiverResampler, media_mask
-from mmkit.callbacks import GateLogger
+from mmkit.callbacks import GateLogger, load_gates
 from mmkit.convert import from_hf
 from mmkit.data.shapes import ShapesConfig, ShapesWorld
 from mmkit.eval import evaluate_few_shot, few_shot_record
@@ -296,6 +296,7 @@ def test_training_opens_the_gates_and_lowers_the_loss(tiny_assets, tmp_path, wor
     assert all(c[0] == 0.0 and c[30] > 0.0 for c in curves.values())
     assert max(c[30] for c in curves.values()) > 0.05
     assert (tmp_path / "run" / "gates.jsonl").read_text().count("\n") == 31
+    assert load_gates(tmp_path / "run").curves("xattn") == curves  # what a shipped reference keeps
     assert load_model(tmp_path / "run").gate_values() == m.gate_values()
 
 

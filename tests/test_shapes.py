@@ -154,8 +154,31 @@ def test_multi_and_interleaved_structure(world):
             assert r["conversations"][0]["value"].endswith("<image>\n")
         else:
             assert r["conversations"][0]["value"].endswith("Answer:")
+        assert r["meta"]["format"] != "label"  # label documents only where ShapesConfig.label_attrs asks
     forced = world.sample("train", 0, "interleaved", shots=3, fmt="vqa", qtype="count")
     assert len(forced["images"]) == 4 and forced["meta"]["qtype"] == "count"
+
+
+def test_label_documents_write_what_few_shot_evaluation_asks():
+    from mmkit.eval import few_shot_record
+
+    world = ShapesWorld(ShapesConfig(label_attrs=("color", "shape")))
+    labels = [r for r in (world.sample("train", i, "interleaved") for i in range(60)) if r["meta"]["format"] == "label"]
+    assert 5 <= len(labels) <= 30 and {r["meta"]["label"] for r in labels} == {"color", "shape"}
+    for r in labels:
+        scenes, k = r["meta"]["scenes"], r["meta"]["shots"]
+        assert len(scenes) == len(r["images"]) == k + 1 and all(len(s.objects) == 1 for s in scenes)
+        words = [getattr(s.objects[0], r["meta"]["label"]) for s in scenes]
+        assert r["conversations"][0]["value"] == "".join(f"<image>\n{w}\n" for w in words[:-1]) + "<image>\n"
+        assert r["conversations"][1]["value"] == words[-1]
+    # the evaluation's prompts have the same form, for any attribute (size: a format never trained)
+    one = ShapesWorld(ShapesConfig(min_objects=1, max_objects=1))
+    test = few_shot_record(one, "test", 0, 2, "size")
+    forced = world.sample("test", 0, "interleaved", shots=2, fmt="label", qtype="size")
+    for rec in (test, forced):
+        assert re.fullmatch(r"(<image>\n(small|large)\n){2}<image>\n", rec["conversations"][0]["value"])
+    with pytest.raises(ValueError, match="label_attrs"):
+        ShapesConfig(label_attrs=("count",))
 
 
 # -- geometry: boxes, sizes ------------------------------------------------------------------------

@@ -279,6 +279,23 @@ def test_shipped_family_models_build_and_load(tiny_assets, tmp_path):
         zoo.build(out=tmp_path, smoke=True, only="llava-tiny")
 
 
+def test_a_shipped_flamingo_keeps_its_gate_curves(tiny_assets, tmp_path):
+    """Notebook 04 draws the reference's gates over training from the shipped folder."""
+    from mmkit.callbacks import load_gates
+    from mmkit.train import load_model
+
+    zoo.build_models(["flamingo-tiny"], out=tmp_path, smoke=True, progress=False)
+    d = tmp_path / zoo.MODELS_DIR / "flamingo-tiny"
+    gates = load_gates(d)
+    assert [r["global_step"] for r in gates.history] == [0, 1, 2]  # smoke: 2 steps, every step logged
+    last = load_model(d).gate_values()["xattn"]
+    assert all(c[0] == 0.0 for c in gates.curves("xattn").values())
+    assert {f"layer {i}": pytest.approx(v, abs=2e-3) for i, v in last.items()} == \
+        {k: c[2] for k, c in gates.curves("xattn").items()}  # the shipped (fp16) weights' gates
+    with pytest.raises(FileNotFoundError, match="GateLogger"):
+        load_gates(tmp_path)
+
+
 def test_answer_mask_marks_only_what_the_assistant_writes():
     from mmkit.language import load_language_model
     from mmkit.pretrain.common import tokenize
