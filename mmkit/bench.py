@@ -582,6 +582,9 @@ def format_bake_off(rows: Sequence[dict[str, Any]]) -> str:
                  str(r["steps"]), f"{r['s_per_step']:.2f}"]
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("\n\\* compute seconds per optimizer step: CPU time / torch threads (wall time on an idle machine)")
+    return "\n".join(lines)
+
+
 # ------------------------------------------------------------------ resolution
 #: The three ways of feeding a 128-px scene to the tiny encoder (trained at 64 px), as
 #: recipe overrides on top of llava-tiny: downsize it to one 64-px view (64 tokens), run the
