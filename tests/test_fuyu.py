@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from mmkit.convert import from_hf
-from mmkit.encoder_free.fuyu import FuyuPatchEmbed, Patchify, patchify
+from mmkit.encoder_free.fuyu import Patchify, patchify
 from mmkit.language import NEWLINE_TOKEN
 from mmkit.recipes import apply_overrides, get_recipe
 

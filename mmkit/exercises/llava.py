@@ -146,7 +146,7 @@ def check_merge_image_tokens(fn: Callable) -> bool:
     from mmkit.vlm import VLM
 
     g = torch.Generator().manual_seed(0)
-    V, D, T_img, IMG, PAD = 20, 6, 3, 7, 0
+    V, D, T_img, IMG = 20, 6, 3, 7  # token 0 pads
     ids = torch.tensor([
         [1, 7, 7, 7, 5, 1, 7, 7, 7, 9, 4, 2],  # row 0: two images
         [1, 3, 8, 7, 7, 7, 6, 2, 0, 0, 0, 0],  # row 1: one image, then padding
