@@ -609,7 +609,9 @@ def inspect_last(conversation: ChatSession | None, max_maps: int = 4) -> tuple[l
 
     Heatmaps are drawn over each image as the model framed it (``explain``'s views),
     so in "pad" mode the letterbox bands are part of the picture and the heat sits
-    on the patches the model actually saw.
+    on the patches the model actually saw. A tiled image (``image_mode="anyres"``) gets
+    its crops' maps stitched over the whole image, its global view's maps, the crop grid
+    (``mmkit.viz.tiles.draw_tiles``) and one sentence on what the crops cost.
     """
     from mmkit.viz.overlay import heatmap_image
 
@@ -617,13 +619,23 @@ def inspect_last(conversation: ChatSession | None, max_maps: int = 4) -> tuple[l
         raise ChatError("Nothing to inspect yet: pick a model and ask a question first.")
     info = conversation.explain()
     views = info.get("views") or conversation.last_request["record"]["images"]
+    tiles = info.get("tiles")
     gallery = []
     for i, (view, maps) in enumerate(zip(views, info["maps"])):
         for label, m in list(maps.items())[:max_maps]:
-            gallery.append((heatmap_image(view, m), f"image {i + 1}: {label}"))
+            gallery.append((heatmap_image(view, m), f"image {i + 1}: {'crops, ' if tiles else ''}{label}"))
+        if tiles:
+            for label, m in list(info["global_maps"][i].items())[:max_maps]:
+                gallery.append((heatmap_image(info["global_views"][i], m), f"image {i + 1}: global view, {label}"))
     h, w = info["grid"]
     lines = [f"**What the maps show:** {info['source']}.",
-             f"**Patch grid:** {h} x {w} = {h * w} patches per image."]
+             f"**Patch grid:** {h} x {w} = {h * w} patches per {'crop' if tiles else 'image'}."]
+    for i, t in enumerate(tiles or []):
+        (rows, cols), (sh, sw), (th, tw) = t["grid"], t["crop"], t["token_grid"]
+        px = f"{sh} px" if sh == sw else f"{sw} x {sh} px"
+        lines.append(f"**Tiles:** image {i + 1} was cut into {rows} x {cols} crops of {px} plus a global view; "
+                     f"each crop costs {th * tw} tokens, as does the global view (tokens that only saw padding "
+                     "are dropped, and a newline token ends each row).")
     costs = ", ".join(f"image {i + 1}: {n}" for i, n in enumerate(info["image_tokens"]))
     lines.append(f"**Tokens each image cost:** {costs} (total {sum(info['image_tokens'])}).")
     if info.get("image_share"):
@@ -656,7 +668,8 @@ def _figure_image(fig):
 
 def _family_pictures(conversation: ChatSession, info: dict, views: Sequence) -> list[tuple[Any, str]]:
     """What a family shows besides heatmaps, drawn with ``mmkit.viz``: Flamingo's gates per
-    layer and media mask, the boxes an answer holds (Qwen-VL), a native model's drawings."""
+    layer and media mask, the boxes an answer holds (Qwen-VL), the crop grid of a tiled
+    image (LLaVA-NeXT's AnyRes), a native model's drawings."""
     from mmkit.data.grounding import find_boxes
 
     out: list[tuple[Any, str]] = []
@@ -684,6 +697,15 @@ def _family_pictures(conversation: ChatSession, info: dict, views: Sequence) -> 
 
         out.append((draw_boxes(views[0], boxes, colors=["#ff00ff", "#1f77b4", "#d62728"], scale=4),
                     "the box(es) in the answer"))
+    if info.get("tiles"):
+        from mmkit.data.images import load_image
+        from mmkit.viz.tiles import draw_tiles
+
+        for i, t in enumerate(info["tiles"]):
+            image = load_image(conversation.last_request["record"]["images"][i])
+            rows, cols = t["grid"]
+            out.append((draw_tiles(image, t["grid"], crop=max(t["crop"][0], 128)),  # >= 128 px a crop, to read
+                        f"image {i + 1}: how AnyRes cut it, {rows} x {cols} crops in reading order"))
     out += [(im, "drawn by the model") for im in conversation.last_drawings]
     return out
 

@@ -396,32 +396,48 @@ class VLM(nn.Module):
           LM runs with eager attention for this one pass (SDPA does not return
           weights); its previous implementation is restored afterwards.
 
+        Tiled images (``image_mode="anyres"``) take the second path; each image's tokens are
+        read back onto its crops (``mmkit.data.tiling.unpack_tokens``): the crops' maps
+        stitched into one map over the whole image, as the crops tile it, and the global
+        view's map apart. The newline tokens saw no patch and are left out of both.
+
         Returns a dict (families that override ``explain`` keep this format):
 
-            image_tokens  [int]  LM tokens each image cost (wrap tokens included)
-            grid          (h, w) the vision encoder's patch grid
+            image_tokens  [int]  LM tokens each image cost (wrap tokens included; for a
+                          tiled image the global view, the crops and the newlines)
+            grid          (h, w) the vision encoder's patch grid (of one crop when tiled)
             maps          [{label: (h', w') float array}] per image; each sums to 1.
                           (h', w') == grid when every patch has its own token; a
                           bridge that merges s x s patches into one token gives
                           (h/s, w/s). Empty when the tokens cannot be put on a grid.
+                          Tiled: the crops' maps stitched, (rows*h', cols*w'), zero
+                          where the tokens that only saw padding were cut
             views         [PIL.Image] each image as the model framed it (letterboxed in
-                          "pad" mode) at its own resolution: draw the maps over these
-                          and the heat lands on the right pixels
+                          "pad" mode; tiled: padded to its crop grid's proportions) at its
+                          own resolution: draw the maps over these and the heat lands on
+                          the right pixels
             gates         {name: value} for recorded scalar gates (Flamingo's
                           tanh(alpha)), or None
             image_share   [float] share of the answer's attention that went to each
                           image's tokens (LM-attention case only, else None)
             source        one line: what the maps show
+
+        and, for tiled images only (None otherwise; absent in families that never tile):
+
+            tiles         [{"grid": (rows, cols), "crop": (S_h, S_w), "token_grid":
+                          (h', w')}] per image: the crops AnyRes cut it into
+            global_maps   [{label: (h', w') float array}] per image: the global view's maps,
+                          each summing to 1
+            global_views  [PIL.Image] each image as the global view framed it
+                          (letterboxed to one crop): draw ``global_maps`` over these
         """
         from mmkit.nn import inspect
 
-        if self.tiling is not None:
-            raise NotImplementedError("explain: maps over tiled images (image_mode='anyres') are not drawn yet; "
-                                      "inspect a model with image_mode='pad'")
         record, ids, mask, pv, labels = self.explain_batch(images, messages, answer)
-        n_img = pv.shape[0]
+        tiles = list(pv) if self.tiling is not None else None
+        n_img = len(pv)
         grid = tuple(self.image_grid(pv))
-        image_tokens = [len(self.processor.expand(p)) for p in pv.cpu()]
+        image_tokens = [len(self.processor.expand(p)) for p in (tiles if tiles is not None else pv.cpu())]
         predicts = answer_rows(labels)  # (T,): the positions that predict the last answer
 
         was_training = self.training
@@ -429,12 +445,16 @@ class VLM(nn.Module):
         try:
             with inspect(self) as seen:
                 embeds = self.embed(ids, pv)  # (1, T, D); the bridge records its attention here
-                bridge_maps = self.bridge.attention_maps(seen)
+                bridge_maps = None if tiles is not None else self.bridge.attention_maps(seen)
                 want_lm = bridge_maps is None
                 with eager_attention(self.lm) if want_lm else nullcontext():
                     out = self.lm(inputs_embeds=embeds, attention_mask=mask, output_attentions=want_lm)
         finally:
             self.train(was_training)
+
+        def normalised(m: Tensor) -> Any:  # (h', w') -> numpy, sums to 1
+            m = m.float().clamp_min(0)
+            return (m / m.sum().clamp_min(1e-12)).cpu().numpy()
 
         def on_grid(flat: Tensor) -> Any:  # (T_img,) -> (h', w') numpy, sums to 1
             t, (h, w) = flat.numel(), grid
@@ -445,10 +465,10 @@ class VLM(nn.Module):
                 if not s or h % s or w % s or (h // s) * (w // s) != t:
                     return None
                 g = (h // s, w // s)
-            m = flat.float().clamp_min(0).reshape(g)
-            return (m / m.sum().clamp_min(1e-12)).cpu().numpy()
+            return normalised(flat.reshape(g))
 
         maps: list[dict] = [{} for _ in range(n_img)]
+        global_maps = [{} for _ in range(n_img)] if tiles is not None else None
         share = None
         if bridge_maps is not None:  # (N_img, T_img, h*w)
             bm = bridge_maps.float()
@@ -462,51 +482,86 @@ class VLM(nn.Module):
             att = out.attentions  # L x (1, H, T, T)
             if not att:
                 raise RuntimeError("the language model returned no attention weights even with eager attention")
-            is_img = (ids[0] == self.image_token_id).nonzero().flatten().cpu()  # (N_img*T_img,)
-            per = is_img.numel() // n_img
+            is_img = (ids[0] == self.image_token_id).nonzero().flatten().cpu()  # (sum T_img,)
+            if tiles is not None:  # tiled images differ in size, and so in tokens
+                from mmkit.data.tiling import unpack_tokens
+
+                counts = [self.num_image_tokens(t) for t in tiles]
+                token_grid = AnyRes.token_grid(self.bridge, grid)
+            else:
+                counts = [is_img.numel() // n_img] * n_img
+            starts = [sum(counts[:i]) for i in range(n_img)]
             rows = predicts.nonzero().flatten()
             # (L, |rows|, T): mean over heads, answer-predicting rows only
             a = torch.stack([x[0].float().mean(0)[rows.to(x.device)].cpu() for x in att])
             share = []
             for i in range(n_img):
-                cols = is_img[i * per:(i + 1) * per]
+                cols = is_img[starts[i]:starts[i] + counts[i]]
                 per_layer = a[:, :, cols].mean(1)  # (L, T_img)
                 share.append(float(a[:, :, cols].sum(-1).mean()))
-                maps[i]["all layers"] = on_grid(per_layer.mean(0))
-                maps[i]["last layer"] = on_grid(per_layer[-1])
-            source = (f"the LM's attention from the {int(rows.numel())} positions that wrote the answer to "
-                      f"each image's {per} tokens, mean over heads (all {len(att)} layers, and the last)")
+                for label, flat in (("all layers", per_layer.mean(0)), ("last layer", per_layer[-1])):
+                    if tiles is None:
+                        maps[i][label] = on_grid(flat)
+                    else:  # (global view (h', w'), crops (rows*h', cols*w')), newlines left out
+                        view, crops = unpack_tokens(flat, tiles[i], token_grid)
+                        maps[i][label], global_maps[i][label] = normalised(crops), normalised(view)
+            if tiles is None:
+                source = (f"the LM's attention from the {int(rows.numel())} positions that wrote the answer to "
+                          f"each image's {counts[0]} tokens, mean over heads (all {len(att)} layers, and the last)")
+            else:
+                source = (f"the LM's attention from the {int(rows.numel())} positions that wrote the answer to "
+                          f"each image's tokens, mean over heads (all {len(att)} layers, and the last): the "
+                          "crops' maps stitched over the whole image, the global view's apart, newlines left out")
         maps = [{k: v for k, v in m.items() if v is not None} for m in maps]
 
         gates = {k: float(v) for k, v in seen.items()
                  if "gate" in k.lower() and isinstance(v, Tensor) and v.numel() == 1} or None
 
-        return {"image_tokens": image_tokens, "grid": grid, "maps": maps, "views": self.framed_views(record["images"]),
-                "gates": gates, "image_share": share, "source": source}
+        result = {"image_tokens": image_tokens, "grid": grid, "maps": maps,
+                  "views": self.framed_views(record["images"]), "gates": gates, "image_share": share, "source": source,
+                  "tiles": None, "global_maps": None, "global_views": None}
+        if tiles is not None:  # the crops' maps lie on the image as the crops tile it
+            from mmkit.data.images import load_image
+            from mmkit.data.tiling import canvas_view
+
+            result.update(
+                tiles=[{"grid": t.grid, "crop": t.crop, "token_grid": token_grid} for t in tiles],
+                global_maps=global_maps, global_views=result["views"],
+                views=[canvas_view(load_image(im), t, self.pad_fill()) for im, t in zip(record["images"], tiles)])
+        return result
 
     def explain_batch(self, images: Sequence, messages: str | list[dict], answer: str):
         """The one teacher-forced sample ``explain`` runs: ``(record, ids (1, T), mask (1, T),
-        pixel values, labels (T,))``, with the answer as the last assistant turn."""
+        pixel values, labels (T,))``, with the answer as the last assistant turn. Pixel values
+        are a tensor, or a list (tiled images: ``mmkit.data.tiling.Tiles``)."""
         record = self.prompt_record(images, messages)
         record["conversations"].append({"from": "gpt", "value": answer})
         batch = self.processor([record])  # right padding, labels on the assistant turns
         device = next(self.lm.parameters()).device
         pv = batch["pixel_values"]
-        if not isinstance(pv, Tensor):
+        if isinstance(pv, Tensor):
+            pv = pv.to(device=device, dtype=self.pixel_dtype())
+        elif not pv:
             raise ValueError("explain needs at least one image (maps are drawn over the image)")
-        pv = pv.to(device=device, dtype=self.pixel_dtype())
         return record, batch["input_ids"].to(device), batch["attention_mask"].to(device), pv, batch["labels"][0]
+
+    def pad_fill(self) -> tuple[int, ...]:
+        """The colour images are padded with when framed: the encoder's mean, as ``preprocess`` pads."""
+        return tuple(int(round(c * 255)) for c in getattr(self.vision, "image_mean", (0.5, 0.5, 0.5)))
 
     def framed_views(self, images: Sequence) -> list:
         """Each image as the model framed it (letterboxed in "pad" mode), at its own resolution:
-        ``explain``'s maps drawn over these land on the right pixels."""
+        ``explain``'s maps drawn over these land on the right pixels. In "anyres" mode this is
+        the global view's framing (``explain``'s ``global_views``); the crops' is
+        ``mmkit.data.tiling.canvas_view``."""
         from mmkit.data.images import load_image
         from mmkit.vision import letterbox
 
-        fill = tuple(int(round(c * 255)) for c in getattr(self.vision, "image_mean", (0.5, 0.5, 0.5)))
         H, W = self.image_size
         views = [load_image(im) for im in images]  # the processor's own loading: transparency on white
-        return [letterbox(im, W / H, fill) for im in views] if self.image_mode in ("pad", "anyres") else views
+        if self.image_mode in ("pad", "anyres"):
+            return [letterbox(im, W / H, self.pad_fill()) for im in views]
+        return views
 
 
 def answer_rows(labels: Tensor) -> Tensor:

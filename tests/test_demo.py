@@ -351,6 +351,29 @@ def test_inspect_panel_images_and_summary(session, scene):
     assert "Tokens each image cost:** image 1: 64" in summary and "8 x 8" in summary
 
 
+def test_inspect_panel_for_a_tiled_model_draws_the_crop_grid(tiny_assets, scene):
+    from mmkit.demo import ChatSession, inspect_last
+    from mmkit.recipes import apply_overrides, get_recipe
+    from mmkit.viz.tiles import draw_tiles
+    from mmkit.vlm import build_model
+
+    model = build_model(apply_overrides(get_recipe("llava-tiny"), [
+        "image_mode=anyres", "anyres_grids=[[1, 1], [1, 2], [2, 1], [2, 2]]", "max_length=512"])).eval()
+    session = ChatSession(model)
+    wide = scene.resize((128, 64))
+    session.reply(QUESTION, [wide], max_new_tokens=4)
+    gallery, summary = inspect_last(session)
+    assert [c for _, c in gallery] == ["image 1: crops, all layers", "image 1: crops, last layer",
+                                       "image 1: global view, all layers", "image 1: global view, last layer",
+                                       "image 1: how AnyRes cut it, 1 x 2 crops in reading order"]
+    assert gallery[0][0].size == (256, 128) and gallery[2][0].size == (256, 256)  # crops' framing, global view's
+    grid = np.asarray(gallery[-1][0])
+    assert np.array_equal(grid, np.asarray(draw_tiles(wide, (1, 2), crop=128)))
+    assert ("image 1 was cut into 1 x 2 crops of 64 px plus a global view; each crop costs 64 tokens"
+            in summary)
+    assert "8 x 8 = 64 patches per crop" in summary and "image 1: 200" in summary  # 64 + 8 rows of 16 + newline
+
+
 @register_bridge("test_queries")
 class QueryBridge(Bridge):
     """A bridge that attends: 4 learned queries cross-attend to the patches (for explain)."""

@@ -1,6 +1,7 @@
-"""High resolution: AnyRes tiling (grid choice, crops, packing, token counts against the
-calculators), the small-text OCR world, the OCR metric, and a tiled model that trains,
-saves, loads and is evaluated with ``mmkit eval --task ocr``."""
+"""High resolution: AnyRes tiling (grid choice, crops, packing and reading it back, token
+counts against the calculators), the small-text OCR world, the OCR metric, and a tiled
+model that trains, is explained on its crops, saves, loads and is evaluated with
+``mmkit eval --task ocr``."""
 from __future__ import annotations
 
 import json
@@ -77,6 +78,36 @@ def test_pack_puts_the_global_view_first_cuts_padding_and_ends_rows_with_newline
     grid = tokens[1:].reshape(1, 2, th, tw, 3).permute(0, 2, 1, 3, 4).reshape(th, 2 * tw, 3)
     assert torch.equal(out[16:24], grid[1]) and torch.equal(out[25:33], grid[2])
     assert torch.equal(out[16:20], tokens[1, 4:8]) and torch.equal(out[20:24], tokens[2, 4:8])
+
+
+def test_unpack_tokens_reads_the_packing_back_onto_the_crop_grid():
+    from mmkit.vlm import AnyRes
+
+    ar = AnyRes(GRIDS, dim=2)
+    th = tw = 4
+    t = tiling.Tiles(torch.zeros(3, 3, 64, 64), (1, 2), (20, 100))  # kept token rows 1 and 2 of 4
+    tokens = torch.arange(3 * 16 * 2, dtype=torch.float).reshape(3, 16, 2) + 1  # no token is 0
+    packed = ar.pack(tokens, t, (th, tw)).detach()  # (16 + 2 * (8 + 1), 2)
+    view, crops = tiling.unpack_tokens(packed, t, (th, tw))
+    assert torch.equal(view, tokens[0].reshape(th, tw, 2))  # the global view
+    assert crops.shape == (th, 2 * tw, 2)
+    grid = tokens[1:].reshape(1, 2, th, tw, 2).permute(0, 2, 1, 3, 4).reshape(th, 2 * tw, 2)
+    assert torch.equal(crops[1:3], grid[1:3])  # each crop's tokens back in its place
+    assert not crops[[0, 3]].any()  # the rows that only saw padding: zero
+    newline = ar.image_newline.detach()
+    assert not (crops == newline).all(-1).any()  # the newlines are left out
+    view, crops = tiling.unpack_tokens(torch.arange(34.0), t, (th, tw))  # one value per token works alike
+    assert crops.shape == (4, 8) and torch.equal(crops[1], torch.arange(16.0, 24.0))
+    with pytest.raises(tiling.TilingError, match="34 LM tokens"):
+        tiling.unpack_tokens(torch.zeros(33), t, (th, tw))
+
+
+def test_canvas_view_frames_the_image_as_the_crops_cover_it():
+    t = tiling.Tiles(torch.zeros(3, 3, 64, 64), (1, 2), (48, 128))
+    assert t.crop == (64, 64)
+    view = tiling.canvas_view(Image.new("RGB", (128, 48), "white"), t, (1, 2, 3))
+    assert view.size == (128, 64)  # 1 x 2 crops: twice as wide as high, at the image's own width
+    assert view.getpixel((60, 2)) == (1, 2, 3) and view.getpixel((60, 32)) == (255, 255, 255)
 
 
 # ------------------------------------------------------------------ token counts
@@ -156,6 +187,57 @@ def test_tiled_model_trains_on_small_text(anyres_model):
     assert losses[-1] < losses[0] * 0.8, losses
     assert not torch.equal(before, m.tiling.image_newline.detach())
     assert len(m.generate(records=[w.sample("test", 0, "ocr")], max_new_tokens=3)) == 1
+
+
+def test_explain_puts_a_tiled_image_back_on_its_crops(anyres_model):
+    """LM attention from the answer, one map per image: the crops' tokens stitched on the crop
+    grid, the global view's apart, the newlines left out; recomputed here by hand."""
+    import numpy as np
+
+    m = anyres_model
+    wide, square = Image.new("RGB", (128, 48), "white"), Image.new("RGB", (64, 64), "red")
+    question, answer = "What colour is the circle?", "red"
+    impl = m.lm.config._attn_implementation
+    info = m.explain([wide, square], question, answer)
+    assert m.lm.config._attn_implementation == impl
+    tiles = m.preprocess([wide, square])
+    assert info["grid"] == (8, 8) and info["image_tokens"] == [len(m.expand_image(t)) for t in tiles]
+    assert info["image_tokens"] == [64 + 6 * (16 + 1), 64 + 8 * (8 + 1)]  # 128x48 on 1 x 2: 6 of 8 rows kept
+    assert [t["grid"] for t in info["tiles"]] == [(1, 2), (1, 1)]
+    assert all(t["crop"] == (64, 64) and t["token_grid"] == (8, 8) for t in info["tiles"])
+    for maps, gmaps, t in zip(info["maps"], info["global_maps"], info["tiles"]):
+        (R, C), (th, tw) = t["grid"], t["token_grid"]
+        assert set(maps) == set(gmaps) == {"all layers", "last layer"}
+        for a in maps.values():  # crops x per-crop grid
+            assert a.shape == (R * th, C * tw) and np.all(a >= 0) and a.sum() == pytest.approx(1.0, abs=1e-5)
+        for a in gmaps.values():
+            assert a.shape == (th, tw) and np.all(a >= 0) and a.sum() == pytest.approx(1.0, abs=1e-5)
+    assert not info["maps"][0]["all layers"][[0, 7]].any() and info["maps"][0]["all layers"][1:7].all()
+    # views: the maps' framing (the crop grid's proportions), the global view's (one crop's)
+    assert [v.size for v in info["views"]] == [(128, 64), (64, 64)]
+    assert [v.size for v in info["global_views"]] == [(128, 128), (64, 64)]
+    assert 0 < sum(info["image_share"]) < 1
+
+    rec = m.prompt_record([wide, square], question)
+    rec["conversations"].append({"from": "gpt", "value": answer})
+    batch = m.processor([rec])
+    m.lm.set_attn_implementation("eager")
+    try:
+        with torch.no_grad():
+            out = m.lm(inputs_embeds=m.embed(batch["input_ids"], batch["pixel_values"]),
+                       attention_mask=batch["attention_mask"], output_attentions=True)
+    finally:
+        m.lm.set_attn_implementation(impl)
+    rows = (batch["labels"][0, 1:] != -100).nonzero().flatten()  # the positions that predict the answer
+    img = (batch["input_ids"][0] == m.image_token_id).nonzero().flatten()
+    att = torch.stack([a[0].mean(0) for a in out.attentions])[:, rows][:, :, img].mean(1).mean(0)  # (166 + 136,)
+    first, second = att[:166], att[166:]
+    crops = torch.zeros(8, 16)
+    crops[1:7] = first[64:].reshape(6, 17)[:, :16]  # the 17th token of a row is its newline
+    assert np.allclose(info["maps"][0]["all layers"], (crops / crops.sum()).numpy(), atol=1e-5)
+    assert np.allclose(info["global_maps"][0]["all layers"], (first[:64] / first[:64].sum()).reshape(8, 8), atol=1e-5)
+    crops = second[64:].reshape(8, 9)[:, :8]
+    assert np.allclose(info["maps"][1]["all layers"], (crops / crops.sum()).numpy(), atol=1e-5)
 
 
 # ------------------------------------------------------------------ OCR world and metric

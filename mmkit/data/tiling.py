@@ -16,6 +16,11 @@ it was trained at (CLIP-L/14 at 336 px) and shows it a large image piece by piec
          ``image_newline`` after each row                        (``mmkit.vlm.AnyRes``)
       -> LM tokens: global view's th*tw, then the unpadded grid with its newlines
 
+``unpack_tokens`` reads that layout back (one value per LM token -> the global view's grid
+and the crops' grid, as the crops tile the image), and ``canvas_view`` frames the image as
+the crops cover it: together they put what the LM did with each token (``VLM.explain``'s
+attention maps) back on the image.
+
 GPT-4V's 512-px tiles and Qwen-VL's 224 -> 448 px step make the same trade: more pixels for
 the encoder to read small text, paid for in image tokens (``mmkit.viz.tokens``).
 
@@ -30,7 +35,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 __all__ = ["Tiles", "TilingError", "select_best_resolution", "best_grid", "parse_grids", "unpadded_extent",
-           "tile_image", "anyres_tokens", "DEFAULT_GRIDS"]
+           "tile_image", "anyres_tokens", "unpack_tokens", "canvas_view", "DEFAULT_GRIDS"]
 
 #: (rows, cols) grids a tiny model may choose from: LLaVA-NeXT's five shapes, in crops.
 DEFAULT_GRIDS = ((1, 1), (1, 2), (2, 1), (2, 2), (1, 3), (3, 1))
@@ -53,6 +58,11 @@ class Tiles:
     @property
     def num_crops(self) -> int:
         return self.grid[0] * self.grid[1]
+
+    @property
+    def crop(self) -> tuple[int, int]:
+        """(S_h, S_w): the size of one crop, the encoder's input size."""
+        return int(self.pixels.shape[-2]), int(self.pixels.shape[-1])
 
 
 def select_best_resolution(height: int, width: int, pinpoints: Sequence[Sequence[int]]) -> tuple[int, int]:
@@ -143,3 +153,38 @@ def tile_image(preprocess: Callable[..., torch.Tensor], image: Any, crop: int | 
     crops = canvas.reshape(C, rows, sh, cols, sw).permute(1, 3, 0, 2, 4).reshape(rows * cols, C, sh, sw)
     view = preprocess([image], size=(sh, sw), mode="pad")  # (1, 3, S, S): the whole image
     return Tiles(torch.cat([view, crops]), (rows, cols), (height, width))
+
+
+def unpack_tokens(values: torch.Tensor, tiles: Tiles,
+                  token_grid: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The LM-side layout of one tiled image read back: ``values`` (T, ...), one entry per LM
+    token in the order ``mmkit.vlm.AnyRes.pack`` wrote them (e.g. the attention each token
+    got) -> (the global view's (th, tw, ...), the crops' (rows*th, cols*tw, ...)), each crop's
+    tokens in its place on the crop grid, as the crops tile the canvas (``canvas_view``).
+
+    The newline tokens end each row and saw no patch: they are left out. The rows / columns
+    that only saw padding were cut before the LM (``unpadded_extent``): they stay zero."""
+    (R, C), (th, tw) = tiles.grid, token_grid
+    top, bottom, left, right = unpadded_extent(*tiles.size, R * th, C * tw)
+    h, w = bottom - top, right - left
+    n = th * tw + h * (w + 1)
+    if values.shape[0] != n:
+        raise TilingError(f"unpack_tokens: a {tiles.size[1]}x{tiles.size[0]} image on a {R}x{C} grid of "
+                          f"{th}x{tw}-token crops has {n} LM tokens ({th * tw} global view + {h} rows of "
+                          f"{w} + newline), got {values.shape[0]}; pass exactly this image's token values")
+    rest = tuple(values.shape[1:])
+    view = values[:th * tw].reshape(th, tw, *rest)
+    crops = values.new_zeros(R * th, C * tw, *rest)
+    crops[top:bottom, left:right] = values[th * tw:].reshape(h, w + 1, *rest)[:, :w]  # the newline is last
+    return view, crops
+
+
+def canvas_view(image: Any, tiles: Tiles, fill: tuple[int, ...] = (128, 128, 128)):
+    """The image as the crops of ``tiles`` cover it -> PIL image at the image's own resolution:
+    padded (centred, with ``fill``) to the canvas's proportions (rows*S_h : cols*S_w), as
+    ``tile_image`` fits it before cutting. A map on the crop grid (``unpack_tokens``) drawn
+    over this lands on the pixels its crops saw."""
+    from mmkit.vision import letterbox
+
+    (R, C), (sh, sw) = tiles.grid, tiles.crop
+    return letterbox(image, (C * sw) / (R * sh), fill)
