@@ -3,6 +3,7 @@
     mmkit train --recipe llava-tiny [--out DIR] [--set key=value ...]
     mmkit chat  --checkpoint DIR --image PATH "question"
     mmkit eval  --checkpoint DIR --task vqa|pope|ground|caption|ocr [--split test] [--n N] [--json] [--blind | --oracle]
+                [--few-shot vqa|color|shape|size --shots 0,2,4]
                 [--parser strict|lenient|judge]  [--text-only: the LM alone, perplexity + reading]
     mmkit study captions|forgetting [--steps N] [--n N]   llava-tiny retrained per setting (mmkit.studies)
     mmkit curves DIR [DIR ...] --out FIG.png   learning curves (train --curve) side by side
@@ -85,12 +86,15 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------------- eval
 def cmd_eval(args: argparse.Namespace) -> int:
-    from mmkit.eval import evaluate, text_metrics
+    from mmkit.eval import evaluate, evaluate_few_shot, text_metrics
     from mmkit.train import load_model
 
     model = load_model(args.checkpoint)
     if args.text_only:  # the language model alone: did image training make it forget text?
         res = text_metrics(model, n=args.n, ppl_n=args.n, batch_size=args.batch_size)
+    elif args.few_shot:  # interleaved prompts: the same queries after 0, 2, 4 solved examples
+        shots = _shot_counts(args.shots)
+        res = evaluate_few_shot(model, args.few_shot, shots, n=args.n, split=args.split, batch_size=args.batch_size)
     else:
         res = evaluate(model, args.task, split=args.split, n=args.n, blind=args.blind, oracle=args.oracle,
                        batch_size=args.batch_size, parser=args.parser)
@@ -106,6 +110,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
             print(f"{kind:>12}  {m['n']:>4}  {m['accuracy']:>8.3f}  {m['precision']:>9.3f}  {m['recall']:>6.3f}  "
                   f"{m['f1']:>6.3f}  {m['yes_ratio']:.3f}")
     return 0
+
+
+def _shot_counts(text: str) -> tuple[int, ...]:
+    try:
+        shots = tuple(int(k) for k in text.split(","))
+    except ValueError:
+        shots = ()
+    if not shots or any(k < 0 or k > 8 for k in shots):
+        raise SystemExit(f"eval: --shots {text!r}: give shot counts between 0 and 8, separated by commas, e.g. 0,2,4")
+    return shots
 
 
 # ---------------------------------------------------------------------------- study
@@ -370,6 +384,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how answers are read: exact string, normalised (default), or a model-free judge of free text")
     e.add_argument("--text-only", action="store_true",
                    help="the LM alone: held-out text perplexity and reading accuracy (forgetting)")
+    e.add_argument("--few-shot", choices=["vqa", "color", "shape", "size"], default=None,
+                   help="interleaved few-shot prompts instead of --task: Q/A documents (vqa) or one-word labels "
+                        "of one-object scenes (color / shape / size), accuracy and format per shot count")
+    e.add_argument("--shots", default="0,2,4", help="shot counts for --few-shot (default 0,2,4)")
     e.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     e.set_defaults(fn=cmd_eval)
 

@@ -332,3 +332,19 @@ def test_explain_gives_maps_and_gates(tiny_assets, world):
     assert out["grid"] == (8, 8) and out["image_tokens"] == [1] and out["media_tokens"] == 16
     assert "answer -> image" in out["maps"][0] and abs(out["maps"][0]["answer -> image"].sum() - 1) < 1e-4
     assert out["gates"]["xattn layer 0"] > 0.5
+
+
+def test_the_reference_learned_from_examples_which_label_to_name(tiny_assets, capsys):
+    """The shipped reference trained on colour / shape label documents: at 0 shots it names no
+    colour, after 4 colour-labelled examples it names the query's colour (in-context learning)."""
+    import json
+
+    from mmkit.cli import main
+    from mmkit.zoo import shipped_dir
+
+    main(["eval", "--checkpoint", str(shipped_dir("flamingo-tiny")), "--few-shot", "color", "--shots", "0,4",
+          "--n", "8", "--json"])
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert res["format"]["0"] <= 0.25 and res["accuracy"]["4"] >= 0.75
+    with pytest.raises(SystemExit, match="shot counts"):
+        main(["eval", "--checkpoint", str(shipped_dir("flamingo-tiny")), "--few-shot", "size", "--shots", "9"])
