@@ -237,9 +237,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
         print(f"\nthe bake-off: {args.minutes:g} min of {torch_threads()} threads each, ShapesWorld test split\n")
         print(format_bake_off(rows))
         if args.figure:
+            from mmkit import zoo
             from mmkit.viz import plot_learning_curves
 
-            fig = plot_learning_curves({r["recipe"]: r["curve"] for r in rows},
+            fig = plot_learning_curves({r["recipe"]: r["curve"] for r in rows}, baseline=zoo.info()["lm"]["blind_vqa"],
+                                       baseline_label="blind LM",
                                        title=f"every family, {args.minutes:g} min of compute each")
             fig.savefig(args.figure, dpi=110, bbox_inches="tight")
             print(f"learning curves: {args.figure}")

@@ -687,7 +687,8 @@ def plot_learning_curves(
                    for r in recs]
             pts = [(x, y) for x, y in pts if y is not None]
             if pts:
-                ax.plot([x for x, _ in pts], [y for _, y in pts], "-o", ms=3, color=_SERIES[j % len(_SERIES)],
+                style = "-o" if j < len(_SERIES) else "--s"   # past the palette: dashed, square markers
+                ax.plot([x for x, _ in pts], [y for _, y in pts], style, ms=3, color=_SERIES[j % len(_SERIES)],
                         label=label)
         if panel == "all" and baseline is not None:
             ax.axhline(float(baseline), color="#555555", ls="--", lw=1, label=baseline_label)
@@ -700,7 +701,11 @@ def plot_learning_curves(
             ax.set_xlabel("training minutes")
     for k in range(len(panels), rows * cols):
         axes[k // cols][k % cols].axis("off")
-    axes[0][0].legend(fontsize=7, frameon=False)
+    if len(runs) > 4:  # many runs: one legend beside the panels, not over the first one
+        handles, labels = axes[0][0].get_legend_handles_labels()
+        fig.legend(handles, labels, fontsize=7, frameon=False, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    else:
+        axes[0][0].legend(fontsize=7, frameon=False)
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
