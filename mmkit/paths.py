@@ -47,7 +47,8 @@ def run_mode(mode: str | None = None) -> str:
     A notebook's first code cell says ``MODE = mmkit.mode("classroom")``; edit the word to
     change it, inside Jupyter. The environment wins over the cell: ``SMOKE=1`` always means
     ``"smoke"`` (that is how CI runs every notebook), and ``MMKIT_MODE=full`` sets the mode
-    for every notebook of a session. Without either, ``mode`` is used (default ``"classroom"``).
+    for every notebook started from that environment (``MMKIT_MODE=full jupyter lab``). Without
+    either, ``mode`` is used (default ``"classroom"``).
     """
     if os.environ.get("SMOKE") == "1":
         return "smoke"
