@@ -650,9 +650,7 @@ def resolution_bench(steps: int = 900, n: int = 200, *, scene_size: int = 128, b
 
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        tmp = out / ".resolution.json.tmp"
-        tmp.write_text(json.dumps(res, indent=2) + "\n")
-        os.replace(tmp, out / "resolution.json")
+        _write_json(out / "resolution.json", res)
         fig = plot_resolution(rows, title=f"small text at {scene_size} px, {steps} steps")
         fig.savefig(out / ".resolution.tmp.png", dpi=120, bbox_inches="tight")
         os.replace(out / ".resolution.tmp.png", out / "resolution.png")
