@@ -5,7 +5,7 @@
     mmkit eval  --checkpoint DIR --task vqa|pope|ground|caption|ocr [--split test] [--n N] [--json] [--blind | --oracle]
                 [--few-shot vqa|color|shape|size --shots 0,2,4]
                 [--parser strict|lenient|judge]  [--text-only: the LM alone, perplexity + reading]
-    mmkit study captions|forgetting [--steps N] [--n N]   llava-tiny retrained per setting (mmkit.studies)
+    mmkit study captions|forgetting [--only A,B] [--steps N] [--n N]   llava-tiny retrained per setting
     mmkit curves DIR [DIR ...] --out FIG.png   learning curves (train --curve) side by side
     mmkit demo [--checkpoint DIR ...] [--port N] [--share]   the chat demo in the browser
     mmkit zoo build [--out DIR]      retrain the tiny pre-trained ViT and LM from scratch
@@ -128,7 +128,12 @@ def cmd_study(args: argparse.Namespace) -> int:
 
     fn = {"captions": studies.caption_style_study, "forgetting": studies.forgetting_study}[args.name]
     kw = {"out": args.out} if args.out else {}
-    rows = fn(steps=args.steps, n=args.n, **kw)
+    if args.settings:
+        kw[{"captions": "styles", "forgetting": "modes"}[args.name]] = [s.strip() for s in args.settings.split(",")]
+    try:
+        rows = fn(steps=args.steps, n=args.n, **kw)
+    except ValueError as err:
+        raise SystemExit(f"study {args.name}: {err}") from None
     for row in rows:
         print("  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
     _print_json_last({"study": args.name, "rows": rows})
@@ -395,7 +400,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     st = sub.add_parser("study", help="retrain llava-tiny per setting and compare (mmkit.studies)")
     st.add_argument("name", choices=["captions", "forgetting"],
-                    help="captions: stage 1 caption style web/brief/detailed; forgetting: LM frozen/LoRA/full")
+                    help="captions: stage 1 caption style web/brief/detailed; forgetting: LM frozen/LoRA/full/"
+                         "full with a text-only share")
+    st.add_argument("--only", dest="settings", default=None,
+                    help="comma-separated settings to run (captions: web,brief,detailed; forgetting: "
+                         "frozen,lora,full,text); default all")
     st.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default: the recipe's)")
     st.add_argument("--n", type=int, default=300, help="test questions per metric")
     st.add_argument("--out", default=None, help="folder for the runs (default runs/study-NAME)")

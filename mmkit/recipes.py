@@ -59,8 +59,17 @@ class Stage:
     # description (``mmkit.eval.describe_images``), so the stage trains the LM to answer from
     # what a perfect encoder would say. ``mmkit eval --oracle`` asks the same way.
     describe: bool = False
+    # A text-only share (ShapesWorld only): this fraction of the stage's one-image records
+    # comes without its picture, the scene described in words instead (as ``describe``), so
+    # the LM keeps training on text while it learns to see: EVE's remedy for the language
+    # ability a VLM's LM loses in fine-tuning. Which records are text-only is fixed by the
+    # seed and the record's place in the stream, so a resumed run sees the same mix.
+    text_share: float = 0.0
 
     def __post_init__(self):
+        if not 0.0 <= float(self.text_share) < 1.0:
+            raise ValueError(f"stage {self.name!r}: text_share={self.text_share} must be in [0, 1) "
+                             "(the fraction of records given as text only)")
         # Families add their own groups (Flamingo: "xattn"); the model checks the names
         # against its module_groups() when the stage starts.
         bad = [g for g in self.train if not isinstance(g, str) or not g]
@@ -417,6 +426,24 @@ def blip2_tiny() -> Recipe:
                   steps=800, lr=5e-4, batch_size=16, warmup_steps=30),
         ],
     )
+
+
+@register_recipe("blip2-tiny-lora")
+def blip2_tiny_lora() -> Recipe:
+    """blip2-tiny with one change: LoRA adapters on the LM in the ``instruct`` stage.
+
+    BLIP-2 never tunes its LLM: 32 soft tokens must steer a frozen decoder, which works
+    when the decoder is large (prompt tuning needs scale, Lester et al. 2021) and leaves a
+    tiny one near its blind guess. Rank-8 adapters on the LM's projections (the LM's own
+    weights stay frozen, as in ``llava-tiny-qlora``) are the smallest change that lets the
+    LM learn to read the queries; notebook 03 puts the two side by side.
+    """
+    r = blip2_tiny()
+    r.name = "blip2-tiny-lora"
+    r.lora = {"r": 8, "alpha": 16, "dropout": 0.0}
+    r.stages[2].train = ["bridge", "lora"]
+    r.stages[2].lr_groups = {"lora": 2e-3}
+    return r
 
 
 @register_recipe("instructblip-tiny")

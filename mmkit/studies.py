@@ -8,8 +8,9 @@ things after each run (``mmkit study NAME``, notebook 09, docs/benchmarks.md):
                  captions, POPE. SEEChat cleaned its captions; ShareGPT4V and CapsFusion
                  re-captioned theirs: data quality over quantity.
     forgetting   what stage 2 trains in the LM: nothing (frozen, as Flamingo), LoRA
-                 adapters, or every weight -> VQA with the image, and the LM's own text
-                 metrics (``mmkit.eval.text_metrics``) against the base LM before stage 2.
+                 adapters, every weight, or every weight with a text-only share in the mix
+                 (EVE's remedy) -> VQA with the image, and the LM's own text metrics
+                 (``mmkit.eval.text_metrics``) against the base LM before stage 2.
 
 ``steps`` (and ``batch_size``) scale every run to that many optimizer steps (``recipes.scale_budget``) so a study
 fits a budget: seconds in tests, minutes on a laptop, the recipe's own budget with None.
@@ -20,15 +21,20 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-__all__ = ["caption_style_study", "forgetting_study", "FORGETTING_MODES"]
+__all__ = ["caption_style_study", "forgetting_study", "FORGETTING_MODES", "FORGETTING_LABELS"]
 
-#: stage 2's LM setting -> recipe overrides of llava-tiny
+#: stage 2's LM setting -> recipe overrides of llava-tiny. "text": the full fine-tune with a
+#: quarter of stage 2's records given as text only (``Stage.text_share``: the picture replaced
+#: by the scene's description), as EVE mixes text-only data back in.
 FORGETTING_MODES: dict[str, list[str]] = {
     "frozen": ['stages.1.train=["bridge"]'],
     "lora": ['lora={"r": 8, "alpha": 16, "dropout": 0.0}', 'stages.1.train=["bridge", "lora"]',
              'stages.1.lr_groups={"lora": 0.002}'],
     "full": [],
+    "text": ["stages.1.text_share=0.25"],
 }
+FORGETTING_LABELS = {"frozen": "bridge (LM frozen)", "lora": "bridge + LoRA", "full": "bridge + whole LM",
+                     "text": "bridge + whole LM, 25% text-only"}
 
 
 def _train(recipe, out: Path, seed_name: str):
@@ -78,7 +84,8 @@ def caption_style_study(styles: Sequence[str] | None = None, *, steps: int | Non
 
 def forgetting_study(modes: Sequence[str] | None = None, *, steps: int | None = None, n: int = 300,
                      out: str | Path = "runs/study-forgetting", batch_size: int | None = None) -> list[dict[str, Any]]:
-    """llava-tiny with stage 2 training the LM frozen / with LoRA / fully; the first row is
+    """llava-tiny with stage 2 training the LM frozen / with LoRA / fully / fully with a
+    text-only share (``FORGETTING_MODES``); the first row is
     the base LM before any image training. Columns: VQA with the image (not for the base),
     the LM's held-out text perplexity and its reading accuracy (``text_metrics``)."""
     from mmkit.eval import evaluate, text_metrics
@@ -96,8 +103,7 @@ def forgetting_study(modes: Sequence[str] | None = None, *, steps: int | None = 
         recipe = apply_overrides(_budget(get_recipe("llava-tiny"), steps, batch_size), FORGETTING_MODES[mode])
         model, seconds = _train(recipe, Path(out), mode)
         text = text_metrics(model, n=n, ppl_n=n)
-        rows.append({"stage 2 trains": {"frozen": "bridge (LM frozen)", "lora": "bridge + LoRA",
-                                        "full": "bridge + whole LM"}[mode],
+        rows.append({"stage 2 trains": FORGETTING_LABELS[mode],
                      "vqa": evaluate(model, "vqa", n=n)["accuracy"], "perplexity": text["perplexity"],
                      "reading_vqa": text["reading_vqa"], "steps": recipe.total_steps(),
                      "train_seconds": round(seconds, 1)})

@@ -81,8 +81,8 @@ class TrainData:
         if stage.data:
             from mmkit.data.conversations import load_records
 
-            if stage.describe:
-                raise ValueError(f"stage {stage.name!r}: describe=True needs ShapesWorld scenes (their "
+            if stage.describe or stage.text_share:
+                raise ValueError(f"stage {stage.name!r}: describe / text_share need ShapesWorld scenes (their "
                                  f"descriptions), not a data file ({stage.data}); remove one of the two")
             self.records = load_records(stage.data, stage.image_folder, **stage.data_options)
             if not self.records:
@@ -98,10 +98,15 @@ class TrainData:
         start = ((step * self.stage.grad_accum + micro) * world_size + rank) * B
         if self.records is None:
             records = self.world.samples("train", self.stage.tasks, self.offset + start, B)
-            if self.stage.describe:  # the text oracle: each picture replaced by its description
+            if self.stage.describe or self.stage.text_share:
                 from mmkit.eval import describe_images
 
-                records = [describe_images(r, self.world) for r in records]
+                if self.stage.describe:  # the text oracle: each picture replaced by its description
+                    text_only = [True] * B
+                else:  # a text-only share: a seeded draw per record, the same on every resume
+                    text_only = np.random.default_rng([self.seed, self.offset + start]).random(B) < self.stage.text_share
+                records = [describe_images(r, self.world) if t and (self.stage.describe or _one_scene(r)) else r
+                           for r, t in zip(records, text_only)]
             return records
         N = len(self.records)
         out = []
@@ -110,6 +115,12 @@ class TrainData:
             perm = np.random.default_rng([self.seed, epoch]).permutation(N)
             out.append(self.records[int(perm[j])])
         return out
+
+
+def _one_scene(record: dict) -> bool:
+    """A one-image ShapesWorld record whose picture words can replace (not multi-image, not a drawing)."""
+    meta = record.get("meta", {})
+    return meta.get("scene") is not None and meta.get("task") != "draw" and record.get("image") is not None
 
 
 # ------------------------------------------------------------------------ trainable

@@ -202,6 +202,13 @@ MODELS_DIR = "tiny/models"
 REFERENCE_BUDGETS: dict[str, list[str]] = {
     "llava-tiny": ["stages.1.steps=7200", "stages.1.warmup_steps=100"],
     "flamingo-tiny": ["stages.0.steps=4000", "stages.0.warmup_steps=100"],
+    "qwenvl-tiny": ["stages.1.steps=5000", "stages.1.warmup_steps=100"],
+    "fuyu-tiny": ["stages.1.steps=7200", "stages.1.warmup_steps=100"],
+    "kosmos-tiny": ["stages.0.steps=6000", "stages.0.warmup_steps=100"],
+    "eve-tiny": ["stages.0.steps=300", "stages.1.steps=1200", "stages.2.steps=5000", "stages.2.warmup_steps=100"],
+    "blip2-tiny": ["stages.0.steps=2000", "stages.1.steps=300", "stages.2.steps=3000", "stages.2.warmup_steps=100"],
+    "blip2-tiny-lora": ["stages.0.steps=2000", "stages.1.steps=300", "stages.2.steps=3000",
+                        "stages.2.warmup_steps=100"],
 }
 
 

@@ -219,8 +219,10 @@ def test_caption_style_study_runs(tiny_assets, tmp_path):
 def test_forgetting_study_frozen_lm_keeps_its_text(tiny_assets, tmp_path):
     from mmkit.studies import forgetting_study
 
-    rows = forgetting_study(["frozen"], steps=2, batch_size=2, n=2, out=tmp_path)
+    rows = forgetting_study(["frozen", "text"], steps=2, batch_size=2, n=2, out=tmp_path)
     assert rows[1]["perplexity"] == pytest.approx(rows[0]["perplexity"], rel=1e-5)  # LM never trained
+    assert rows[2]["stage 2 trains"] == "bridge + whole LM, 25% text-only"
+    assert rows[2]["perplexity"] != pytest.approx(rows[0]["perplexity"], rel=1e-5)
 
 
 def test_cli_eval_text_only_and_pope_rows(tiny_assets, capsys):
@@ -266,7 +268,11 @@ def test_exercise_mistakes(capsys):
 def test_cli_study_arguments():
     from mmkit.cli import build_parser, cmd_study
 
-    args = build_parser().parse_args(["study", "forgetting", "--steps", "40", "--n", "50"])
+    args = build_parser().parse_args(["study", "forgetting", "--steps", "40", "--n", "50", "--only", "full,text"])
     assert args.fn is cmd_study and args.name == "forgetting" and args.steps == 40 and args.n == 50
+    assert args.settings == "full,text"
+    bad = build_parser().parse_args(["study", "forgetting", "--only", "half"])
+    with pytest.raises(SystemExit, match="unknown mode"):
+        cmd_study(bad)
     with pytest.raises(SystemExit):
         build_parser().parse_args(["study", "everything"])

@@ -227,6 +227,21 @@ def test_draw_boxes():
     assert im.getpixel((32, 64)) != (255, 255, 255) and im.getpixel((64, 64)) == (255, 255, 255)
 
 
+def test_grounding_panels_title_each_answer_with_its_iou():
+    from mmkit.data.shapes import ShapesWorld
+    from mmkit.viz.boxes import grounding_panels
+
+    world = ShapesWorld()
+    recs = [world.sample("test", i, "ground") for i in range(3)]
+    truth = recs[0]["conversations"][1]["value"]                    # the true answer: IoU 1
+    panels = grounding_panels(recs, [truth, "I cannot tell", "<ref>x</ref><box>(900,10),(100,20)</box>"])
+    titles = list(panels)
+    assert titles[0].endswith("IoU 1.00 ✓") and "IoU 0.00 ✗" in titles[1] and titles[2].endswith("(malformed)")
+    assert all(p.size == (recs[0]["image"].width * 2, recs[0]["image"].height * 2) for p in panels.values())
+    with pytest.raises(ValueError, match="3 records but 2 answers"):
+        grounding_panels(recs, ["a", "b"])
+
+
 # ------------------------------------------------------------------------------- end to end
 def test_positions_let_the_adapter_find_an_object():
     """Trained for real: where is the one odd patch? With 2D positions the adapter learns it;

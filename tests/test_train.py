@@ -102,8 +102,29 @@ def test_describe_stage_trains_on_descriptions_not_pictures(tmp_path):
     data = tmp_path / "d.jsonl"
     data.write_text('{"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}]}\n')
     bad = Stage("read", train=["lm"], data=str(data), describe=True)
-    with pytest.raises(ValueError, match="describe=True needs ShapesWorld"):
+    with pytest.raises(ValueError, match="describe / text_share need ShapesWorld"):
         TrainData(recipe, bad, 0)
+
+
+def test_a_text_only_share_replaces_that_share_of_pictures_with_words():
+    """Stage.text_share: about that fraction of one-image records comes as text, the same on every call
+    (a resumed run sees the same mix); multi-image records and drawings keep their pictures."""
+    recipe = get_recipe("llava-tiny")
+    tasks = {"vqa": 1.0, "caption": 1.0, "multi": 0.5, "draw": 0.5}
+    plain = TrainData(recipe, Stage("s", train=["lm"], tasks=tasks, batch_size=64), 1)
+    mixed = TrainData(recipe, Stage("s", train=["lm"], tasks=tasks, batch_size=64, text_share=0.5), 1)
+    a, b = plain.batch(3, 0), mixed.batch(3, 0)
+    assert b == mixed.batch(3, 0)
+    worded = [i for i, (p, m) in enumerate(zip(a, b)) if p != m]
+    eligible = sum(r["meta"]["task"] in ("vqa", "caption") for r in a)
+    assert 0.3 * eligible < len(worded) < 0.7 * eligible
+    for i in worded:
+        assert a[i]["meta"]["task"] in ("vqa", "caption") and "image" not in b[i]
+        assert b[i]["conversations"][0]["value"].endswith(a[i]["conversations"][0]["value"].replace("<image>\n", ""))
+        assert b[i]["conversations"][1:] == a[i]["conversations"][1:]
+    assert all(b[i] == a[i] for i in range(64) if a[i]["meta"]["task"] in ("multi", "draw"))
+    with pytest.raises(ValueError, match="text_share=1.0 must be in"):
+        Stage("s", train=["lm"], text_share=1.0)
 
 
 def test_learning_curve_records_survive_a_resume(tiny_assets, tmp_path):

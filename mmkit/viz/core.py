@@ -11,6 +11,7 @@ for pyplot, so a notebook shows it exactly once: as the value of the cell).
     plot_label_mask(tokenizer, encoded)   a training sequence as tokens, coloured by what carries loss
     plot_training(metrics)                loss curve per stage from metrics.jsonl or Trainer.history
     plot_bars(values)                     results: {name: value} or {series: {name: value}}
+    plot_vqa(results)                     VQA accuracy, overall + per question type, for several models
     plot_curves(series)                   lines: {name: {x: y}} (probe accuracy per layer, gates, ...)
     plot_learning_curves(runs)            accuracy vs training minutes, overall + per question type
     md_table(rows)                        a list of dicts as a Markdown table (renders in Jupyter)
@@ -27,7 +28,7 @@ import numpy as np
 
 __all__ = [
     "show_samples", "show_patch_grid", "plot_matrix", "plot_similarity", "plot_label_mask",
-    "plot_training", "plot_bars", "plot_curves", "plot_learning_curves", "md_table", "MarkdownTable", "COLORS",
+    "plot_training", "plot_bars", "plot_vqa", "plot_curves", "plot_learning_curves", "md_table", "MarkdownTable", "COLORS",
 ]
 
 #: The palette every figure uses, so "trained" is the same green in every notebook.
@@ -605,6 +606,22 @@ def plot_bars(
         ax.legend(fontsize=8, frameon=False)
     fig.tight_layout()
     return _finish(fig)
+
+
+def plot_vqa(results: Mapping[str, Mapping[str, Any]], *, title: str = "", ylabel: str = "exact-match accuracy"):
+    """VQA side by side: ``{label: evaluate(model, "vqa") result}`` (each with ``accuracy`` and
+    ``per_type``) as grouped bars, "all" first, then one group per question type. The picture
+    every family notebook draws for a student's run, its reference and the blind baseline."""
+    if not results:
+        raise ValueError("plot_vqa: nothing to plot")
+    for label, r in results.items():
+        if "accuracy" not in r or "per_type" not in r:
+            raise ValueError(f"plot_vqa: {label!r} is not a VQA result (expected the dict evaluate(model, 'vqa') "
+                             f"returns, with 'accuracy' and 'per_type'; got keys {sorted(r)})")
+    n = {r.get("n") for r in results.values()} - {None}
+    default = f"VQA on the same {n.pop()} test questions" if len(n) == 1 else "VQA"
+    return plot_bars({label: {"all": r["accuracy"], **r["per_type"]} for label, r in results.items()},
+                     ylim=(0, 1.05), ylabel=ylabel, title=title or default)
 
 
 def plot_curves(
