@@ -98,12 +98,15 @@ class AccuracyTracker(Callback):
     keeps the records before its first step and goes on counting from there.
     ``clock``: what a second is, by default the wall clock; ``compute_clock()`` counts the
     process's CPU time per torch thread instead, which other programs on the machine do not
-    stretch (the bake-off's curves use it).
+    stretch (the bake-off's curves use it). ``loss_n`` > 0 also records ``answer_loss``: the
+    model's loss on the true answers of that many test records (``mmkit.eval.answer_loss``),
+    to set beside the accuracy (is the loss a good stand-in for it?).
     """
 
     def __init__(self, at: Sequence[int], task: str = "vqa", n: int = 100, metric: str = "accuracy",
-                 filename: str | None = None, clock: Callable[[], float] = time.perf_counter):
+                 filename: str | None = None, clock: Callable[[], float] = time.perf_counter, loss_n: int = 0):
         self.at, self.task, self.n, self.metric = set(int(a) for a in at), task, n, metric
+        self.loss_n = loss_n
         self.filename = filename
         self.clock = clock
         self.history: dict[int, float] = {}
@@ -152,6 +155,10 @@ class AccuracyTracker(Callback):
             self.history[step] = float(res[self.metric])
             row = {"step": step, "train_seconds": round(self.train_seconds, 2), self.metric: float(res[self.metric]),
                    "per_type": {k: float(v) for k, v in (res.get("per_type") or {}).items()}}
+            if self.loss_n:
+                from mmkit.eval import answer_loss
+
+                row["answer_loss"] = round(answer_loss(model, self.task, n=self.loss_n), 4)
             self.records.append(row)
             path = self._path(trainer)
             if path is not None and trainer.is_main:

@@ -5,7 +5,7 @@
     mmkit eval  --checkpoint DIR --task vqa|pope|ground|caption|ocr [--split test] [--n N] [--json] [--blind | --oracle]
                 [--few-shot vqa|color|shape|size --shots 0,2,4]
                 [--parser strict|lenient|judge]  [--text-only: the LM alone, perplexity + reading]
-    mmkit study captions|forgetting [--only A,B] [--steps N] [--n N]   llava-tiny retrained per setting
+    mmkit study captions|forgetting|loss [--only A,B] [--steps N] [--n N]   llava-tiny retrained per setting
     mmkit curves DIR [DIR ...] --out FIG.png   learning curves (train --curve) side by side
     mmkit demo [--checkpoint DIR ...] [--port N] [--share]   the chat demo in the browser
     mmkit zoo build [--out DIR]      retrain the tiny pre-trained ViT and LM from scratch
@@ -126,8 +126,11 @@ def _shot_counts(text: str) -> tuple[int, ...]:
 def cmd_study(args: argparse.Namespace) -> int:
     from mmkit import studies
 
-    fn = {"captions": studies.caption_style_study, "forgetting": studies.forgetting_study}[args.name]
+    fn = {"captions": studies.caption_style_study, "forgetting": studies.forgetting_study,
+          "loss": studies.loss_study}[args.name]
     kw = {"out": args.out} if args.out else {}
+    if args.settings and args.name == "loss":
+        raise SystemExit("study loss: one run, no settings to choose; leave out --only")
     if args.settings:
         kw[{"captions": "styles", "forgetting": "modes"}[args.name]] = [s.strip() for s in args.settings.split(",")]
     try:
@@ -399,9 +402,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(fn=cmd_eval)
 
     st = sub.add_parser("study", help="retrain llava-tiny per setting and compare (mmkit.studies)")
-    st.add_argument("name", choices=["captions", "forgetting"],
+    st.add_argument("name", choices=["captions", "forgetting", "loss"],
                     help="captions: stage 1 caption style web/brief/detailed; forgetting: LM frozen/LoRA/full/"
-                         "full with a text-only share")
+                         "full with a text-only share; loss: answer loss vs VQA accuracy at checkpoints of one run")
     st.add_argument("--only", dest="settings", default=None,
                     help="comma-separated settings to run (captions: web,brief,detailed; forgetting: "
                          "frozen,lora,full,text); default all")

@@ -35,6 +35,9 @@ How an answer is read is a choice that changes the score (``parser``, ``PARSERS`
              would, but by rules anyone can read (``judge_answer``)
 
 ``parser_ranking`` scores several models with every parser: the ranking may flip.
+``answer_loss`` is the other way to score a model: its training loss (nats per answer token)
+on the true answers, no generation; across checkpoints it says how far the loss is a stand-in
+for accuracy (notebook 09).
 ``text_metrics`` measures the language model alone (perplexity on held-out ShapesWorld text
 and its reading accuracy): before and after image training, it shows what the LM forgot.
 
@@ -62,7 +65,8 @@ from mmkit.language import IMAGE_TOKEN
 __all__ = ["evaluate", "vqa_match", "TASKS", "character_error_rate", "edit_distance", "strip_images", "describe_images",
            "model_world", "evaluate_drawing",
            "itc_embed", "retrieval", "few_shot_record", "evaluate_few_shot", "FEW_SHOT_TASKS", "compare_few_shot",
-           "PARSERS", "caption_scores", "judge_answer", "answer_correct", "says_yes", "pope_by_type", "parser_ranking", "text_metrics"]
+           "PARSERS", "caption_scores", "judge_answer", "answer_correct", "says_yes", "pope_by_type", "parser_ranking", "text_metrics",
+           "answer_loss"]
 
 TASKS = ("vqa", "pope", "ground", "caption", "ocr", "draw")
 
@@ -616,6 +620,35 @@ def parser_ranking(models: dict[str, Any], task: str = "vqa", *, n: int = 200, s
     ranking = {p: sorted(scores, key=lambda m: -scores[m][p]) for p in parsers}
     orders = {tuple(r) for r in ranking.values()}
     return {"task": task, "n": n, "scores": scores, "ranking": ranking, "flipped": len(orders) > 1}
+
+
+# ------------------------------------------------------------------ loss as a metric
+@torch.no_grad()
+def answer_loss(model, task: str = "vqa", *, split: str = "test", n: int = 200, batch_size: int = 32,
+                world=None) -> float:
+    """The model's loss on the true answers of ``n`` ``split`` records of ``task``: the mean
+    next-token cross-entropy over every answer token (nats per token), teacher-forced, the
+    number the training loss reports, on held-out data. No text is generated, so it is cheap
+    and smooth; but a model can lower it by being less wrong on answers it still gets wrong,
+    which exact-match accuracy does not reward."""
+    world = world or model_world(model)
+    records = _records(task, split, n, world)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    nll, tokens = 0.0, 0
+    try:
+        for i in range(0, len(records), batch_size):
+            batch = {k: (v.to(device) if torch.is_tensor(v) else v)
+                     for k, v in model.processor(records[i:i + batch_size]).items() if k != "ids"}
+            k = int((batch["labels"][:, 1:] != -100).sum())
+            nll += float(model(**batch)["loss"]) * k
+            tokens += k
+    finally:
+        model.train(was_training)
+    if not tokens:
+        raise ValueError(f"answer_loss: no answer tokens in {len(records)} {task!r} records")
+    return nll / tokens
 
 
 # ------------------------------------------------------------------ the language model alone

@@ -11,6 +11,8 @@ things after each run (``mmkit study NAME``, notebook 09, docs/benchmarks.md):
                  adapters, every weight, or every weight with a text-only share in the mix
                  (EVE's remedy) -> VQA with the image, and the LM's own text metrics
                  (``mmkit.eval.text_metrics``) against the base LM before stage 2.
+    loss         one llava-tiny run, measured at checkpoints: the loss on held-out answers
+                 (``mmkit.eval.answer_loss``) beside VQA accuracy. Is the loss a metric?
 
 ``steps`` (and ``batch_size``) scale every run to that many optimizer steps (``recipes.scale_budget``) so a study
 fits a budget: seconds in tests, minutes on a laptop, the recipe's own budget with None.
@@ -21,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-__all__ = ["caption_style_study", "forgetting_study", "FORGETTING_MODES", "FORGETTING_LABELS"]
+__all__ = ["caption_style_study", "forgetting_study", "loss_study", "FORGETTING_MODES", "FORGETTING_LABELS"]
 
 #: stage 2's LM setting -> recipe overrides of llava-tiny. "text": the full fine-tune with a
 #: quarter of stage 2's records given as text only (``Stage.text_share``: the picture replaced
@@ -37,7 +39,7 @@ FORGETTING_LABELS = {"frozen": "bridge (LM frozen)", "lora": "bridge + LoRA", "f
                      "text": "bridge + whole LM, 25% text-only"}
 
 
-def _train(recipe, out: Path, seed_name: str):
+def _train(recipe, out: Path, seed_name: str, callbacks: Sequence[Any] = ()):
     import torch
 
     from mmkit.train import Trainer
@@ -46,7 +48,7 @@ def _train(recipe, out: Path, seed_name: str):
     torch.manual_seed(recipe.seed)
     model = build_model(recipe)
     t0 = time.perf_counter()
-    Trainer(model, recipe, out / seed_name, progress=False).train(resume=False)
+    Trainer(model, recipe, out / seed_name, progress=False, callbacks=list(callbacks)).train(resume=False)
     return model, time.perf_counter() - t0
 
 
@@ -108,3 +110,29 @@ def forgetting_study(modes: Sequence[str] | None = None, *, steps: int | None = 
                      "reading_vqa": text["reading_vqa"], "steps": recipe.total_steps(),
                      "train_seconds": round(seconds, 1)})
     return rows
+
+
+def loss_study(*, steps: int | None = None, n: int = 300, points: int = 9, out: str | Path = "runs/study-loss",
+               batch_size: int | None = None) -> list[dict[str, Any]]:
+    """llava-tiny trained once, measured at ``points`` checkpoints spread over the run: one row
+    per checkpoint with the step, the stage, VQA accuracy (per type too) and the loss on the
+    true answers of the same ``n`` test questions (``answer_loss``: teacher-forced, nothing
+    generated). Plotted against each other they show where the loss tracks accuracy and where
+    it does not (``viz.plot_curves({"run": {loss: accuracy}})``, notebook 09)."""
+    from mmkit.callbacks import AccuracyTracker
+    from mmkit.recipes import get_recipe
+
+    if points < 2:
+        raise ValueError(f"loss_study: points={points}; give at least 2 checkpoints")
+    recipe = _budget(get_recipe("llava-tiny"), steps, batch_size)
+    total = recipe.total_steps()
+    at = sorted({max(1, round(total * k / points)) for k in range(1, points + 1)})
+    tracker = AccuracyTracker(at, n=n, loss_n=n)
+    _train(recipe, Path(out), "llava-tiny", callbacks=[tracker])
+    bounds, start = [], 0
+    for stage in recipe.stages:
+        bounds.append((start + stage.steps, stage.name))
+        start += stage.steps
+    return [{"step": r["step"], "stage": next(name for end, name in bounds if r["step"] <= end),
+             "vqa": r["accuracy"], "answer_loss": r["answer_loss"], **{f"vqa_{k}": v for k, v in r["per_type"].items()}}
+            for r in tracker.records]

@@ -265,6 +265,32 @@ def test_exercise_mistakes(capsys):
     assert not ex.check("fool_chair", caption) and "true" in capsys.readouterr().out
 
 
+def test_answer_loss_is_lower_for_the_trained_reference(tiny_assets):
+    """The loss on held-out answers, teacher-forced: the shipped llava-tiny's is far below an
+    untrained bridge's, and the model is left in the mode it was in."""
+    from mmkit.eval import answer_loss
+    from mmkit.paths import assets_dir
+    from mmkit.recipes import get_recipe
+    from mmkit.train import load_model
+    from mmkit.vlm import build_model
+
+    trained = load_model(assets_dir() / "tiny" / "models" / "llava-tiny")
+    fresh = build_model(get_recipe("llava-tiny")).train()
+    a, b = answer_loss(trained, n=16, batch_size=8), answer_loss(fresh, n=16, batch_size=8)
+    assert 0 < a < 0.5 * b and fresh.training
+
+
+@pytest.mark.slow
+def test_loss_study_records_loss_and_accuracy_per_checkpoint(tiny_assets, tmp_path):
+    from mmkit.studies import loss_study
+
+    rows = loss_study(steps=4, batch_size=2, n=4, points=2, out=tmp_path)
+    assert [r["step"] for r in rows] == [2, 4] and [r["stage"] for r in rows][-1] == "instruct"
+    assert all(r["answer_loss"] > 0 and 0 <= r["vqa"] <= 1 for r in rows)
+    with pytest.raises(ValueError, match="at least 2"):
+        loss_study(points=1)
+
+
 def test_cli_study_arguments():
     from mmkit.cli import build_parser, cmd_study
 
@@ -274,5 +300,7 @@ def test_cli_study_arguments():
     bad = build_parser().parse_args(["study", "forgetting", "--only", "half"])
     with pytest.raises(SystemExit, match="unknown mode"):
         cmd_study(bad)
+    with pytest.raises(SystemExit, match="no settings"):
+        cmd_study(build_parser().parse_args(["study", "loss", "--only", "a"]))
     with pytest.raises(SystemExit):
         build_parser().parse_args(["study", "everything"])
