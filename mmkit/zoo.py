@@ -331,7 +331,7 @@ def build_models(names: Sequence[str] = SHIPPED_MODELS, out: str | Path | None =
             seconds = callbacks[0].train_seconds if curve_every else time.perf_counter() - t0
             dst = ship_checkpoint(tmp, name, root)
         report[name] = {**model_report(dst, 8 if smoke else eval_n), "train_seconds": round(seconds, 1),
-                        "torch_threads": torch.get_num_threads()}
+                        "torch_threads": torch.get_num_threads(), "steps": recipe.total_steps()}
     path = root / REPORT
     old = json.loads(path.read_text()) if path.exists() else {}
     old.setdefault("models", {}).update(report)
