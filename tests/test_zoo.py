@@ -33,10 +33,13 @@ def test_shipped_assets_are_small_and_load():
     def mb(*parts):
         return sum(f.stat().st_size for p in parts for f in (SHIPPED / p).rglob("*") if f.is_file()) / 2**20
 
-    # the pre-trained encoder and LM: 25 MB at most together; everything shipped,
-    # the VQ-VAE and the demo's trained family models included: 30 MB
+    # the pre-trained encoder and LM: 25 MB at most together; one reference per family, each
+    # its trained tensors in fp16: 6 MB at most; everything under assets/: 100 MB
     assert mb("vision", "lm") <= 25, f"tiny vision + lm are {mb('vision', 'lm'):.1f} MB, over 25 MB"
-    assert mb(".") <= 30, f"assets/tiny is {mb('.'):.1f} MB, over the 30 MB budget"
+    for ref in (SHIPPED / "models").iterdir():
+        assert mb(f"models/{ref.name}") <= 6, f"{ref.name} is {mb(f'models/{ref.name}'):.1f} MB, over 6 MB"
+    everything = sum(f.stat().st_size for f in SHIPPED.parent.rglob("*") if f.is_file()) / 2**20
+    assert everything <= 100, f"assets/ is {everything:.1f} MB, over the 100 MB budget"
     vision, lm, tok = zoo.load_tiny()
     assert vision.backend == "tiny" and vision.grid() == (8, 8)
     assert lm.config.model_type == "llama" and tok.convert_tokens_to_ids("<image>") is not None
