@@ -256,6 +256,28 @@ def test_recipes_groups_and_round_trip(tiny_assets):
     assert not any("language_projection" in n or n.startswith(("lm.", "vision.")) for n in trained)
 
 
+def test_the_lora_variant_changes_only_what_the_last_stage_trains(tiny_assets):
+    """blip2-tiny-lora: blip2-tiny plus LoRA adapters on the LM in the instruct stage; the LM's own
+    weights stay frozen, and at initialisation (LoRA's B = 0) it computes exactly blip2-tiny."""
+    from mmkit.data.shapes import ShapesWorld
+    from mmkit.recipes import get_recipe
+    from mmkit.train import set_trainable
+    from mmkit.vlm import build_model
+
+    paper, lora = get_recipe("blip2-tiny"), get_recipe("blip2-tiny-lora")
+    assert [s.train for s in paper.stages[:2]] == [s.train for s in lora.stages[:2]]
+    assert paper.stages[2].train == ["bridge"] and lora.stages[2].train == ["bridge", "lora"]
+    a, b = build_model(paper), build_model(lora)
+    b.bridge.load_state_dict(a.bridge.state_dict())   # the same Q-Former in both
+    trained = set_trainable(b, lora.stages[2].train)
+    lm_trained = [n for n in trained if n.startswith("lm.")]
+    assert lm_trained and all("lora_" in n for n in lm_trained)
+    batch = {k: v for k, v in a.processor([ShapesWorld().sample("test", 0, "vqa")]).items() if k != "ids"}
+    a.eval(), b.eval()
+    with torch.no_grad():
+        assert torch.allclose(a(**batch)["logits"], b(**batch)["logits"], atol=1e-5)
+
+
 def test_trainer_logs_three_losses_and_checkpoint_reloads(tiny_assets, tmp_path):
     from mmkit.recipes import apply_overrides, get_recipe
     from mmkit.train import Trainer, load_model
