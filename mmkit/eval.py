@@ -631,6 +631,8 @@ def answer_loss(model, task: str = "vqa", *, split: str = "test", n: int = 200, 
     number the training loss reports, on held-out data. No text is generated, so it is cheap
     and smooth; but a model can lower it by being less wrong on answers it still gets wrong,
     which exact-match accuracy does not reward."""
+    from mmkit.data.processor import IGNORE_INDEX
+
     world = world or model_world(model)
     records = _records(task, split, n, world)
     device = next(model.parameters()).device
@@ -641,7 +643,7 @@ def answer_loss(model, task: str = "vqa", *, split: str = "test", n: int = 200, 
         for i in range(0, len(records), batch_size):
             batch = {k: (v.to(device) if torch.is_tensor(v) else v)
                      for k, v in model.processor(records[i:i + batch_size]).items() if k != "ids"}
-            k = int((batch["labels"][:, 1:] != -100).sum())
+            k = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
             nll += float(model(**batch)["loss"]) * k
             tokens += k
     finally:

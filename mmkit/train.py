@@ -98,15 +98,13 @@ class TrainData:
         start = ((step * self.stage.grad_accum + micro) * world_size + rank) * B
         if self.records is None:
             records = self.world.samples("train", self.stage.tasks, self.offset + start, B)
-            if self.stage.describe or self.stage.text_share:
-                from mmkit.eval import describe_images
+            from mmkit.eval import describe_images
 
-                if self.stage.describe:  # the text oracle: each picture replaced by its description
-                    text_only = [True] * B
-                else:  # a text-only share: a seeded draw per record, the same on every resume
-                    text_only = np.random.default_rng([self.seed, self.offset + start]).random(B) < self.stage.text_share
-                records = [describe_images(r, self.world) if t and (self.stage.describe or _one_scene(r)) else r
-                           for r, t in zip(records, text_only)]
+            if self.stage.describe:  # the text oracle: each picture replaced by its description
+                records = [describe_images(r, self.world) for r in records]
+            elif self.stage.text_share:  # a seeded draw per record, the same on every resume
+                drawn = np.random.default_rng([self.seed, self.offset + start]).random(B) < self.stage.text_share
+                records = [describe_images(r, self.world) if d and _one_scene(r) else r for r, d in zip(records, drawn)]
             return records
         N = len(self.records)
         out = []
