@@ -210,6 +210,11 @@ REFERENCE_BUDGETS: dict[str, list[str]] = {
     "blip2-tiny": ["stages.0.steps=2000", "stages.1.steps=300", "stages.2.steps=3000", "stages.2.warmup_steps=100"],
     "blip2-tiny-lora": ["stages.0.steps=2000", "stages.1.steps=300", "stages.2.steps=3000",
                         "stages.2.warmup_steps=100"],
+    "instructblip-tiny": ["stages.0.steps=2000", "stages.1.steps=300", "stages.2.steps=3000",
+                          "stages.2.warmup_steps=100"],
+    "minigpt4-tiny": ["stages.0.steps=2000", "stages.1.steps=2000", "stages.1.warmup_steps=100",
+                      "stages.2.steps=400", "stages.2.warmup_steps=20"],
+    "palme-tiny": ["stages.1.steps=2500", "stages.1.warmup_steps=100"],
 }
 
 
