@@ -194,8 +194,8 @@ def load_tiny():
 # One trained model per family, small enough to ship in assets/ (weights in fp16), so the
 # demo starts without training. ``mmkit zoo models`` retrains them with their recipes. The
 # first is the one the demo opens with.
-SHIPPED_MODELS = ("llava-tiny", "blip2-tiny", "blip2-tiny-lora", "flamingo-tiny", "qwenvl-tiny", "fuyu-tiny",
-                  "eve-tiny", "kosmos-tiny", "unified-tiny")
+SHIPPED_MODELS = ("llava-tiny", "blip2-tiny", "blip2-tiny-lora", "instructblip-tiny", "flamingo-tiny", "qwenvl-tiny",
+                  "fuyu-tiny", "eve-tiny", "kosmos-tiny", "unified-tiny")
 MODELS_DIR = "tiny/models"
 # A *reference* is a shipped model trained with a larger budget than the recipe's own (the
 # student's 5-minute run): the recipe with these overrides. Notebooks put a student's run
@@ -214,7 +214,7 @@ REFERENCE_BUDGETS: dict[str, list[str]] = {
                           "stages.2.warmup_steps=100"],
     "minigpt4-tiny": ["stages.0.steps=2000", "stages.1.steps=2000", "stages.1.warmup_steps=100",
                       "stages.2.steps=400", "stages.2.warmup_steps=20"],
-    "palme-tiny": ["stages.1.steps=2500", "stages.1.warmup_steps=100"],
+    "palme-tiny": ["stages.1.steps=1500", "stages.1.warmup_steps=50"],
 }
 
 
