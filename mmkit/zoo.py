@@ -195,7 +195,7 @@ def load_tiny():
 # demo starts without training. ``mmkit zoo models`` retrains them with their recipes. The
 # first is the one the demo opens with.
 SHIPPED_MODELS = ("llava-tiny", "blip2-tiny", "blip2-tiny-lora", "instructblip-tiny", "flamingo-tiny", "qwenvl-tiny",
-                  "fuyu-tiny", "eve-tiny", "kosmos-tiny", "unified-tiny")
+                  "fuyu-tiny", "eve-tiny", "kosmos-tiny", "palme-tiny", "unified-tiny")
 MODELS_DIR = "tiny/models"
 # A *reference* is a shipped model trained with a larger budget than the recipe's own (the
 # student's 5-minute run): the recipe with these overrides. Notebooks put a student's run
