@@ -101,7 +101,7 @@ FAMILY_CARDS: dict[str, tuple[str, str, str]] = {
     "interleaved": ("native multimodal", "KOSMOS-1, PaLM-E",
                     "The image sits in a document as a prefix of tokens; each map is what one of the "
                     "resampler's latents read from the patches (KOSMOS-1)."),
-    "interleaved/mlp": ("native multimodal", "PaLM-E",
+    "interleaved/mlp": ("projector into documents", "PaLM-E",
                         "The image sits in a document as a prefix, one token per patch; the map is the "
                         "decoder's attention from the answer onto those tokens."),
     "unified": ("native multimodal (reads and draws)", "Chameleon, LVM",

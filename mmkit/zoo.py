@@ -194,8 +194,8 @@ def load_tiny():
 # One trained model per family, small enough to ship in assets/ (weights in fp16), so the
 # demo starts without training. ``mmkit zoo models`` retrains them with their recipes. The
 # first is the one the demo opens with.
-SHIPPED_MODELS = ("llava-tiny", "blip2-tiny", "blip2-tiny-lora", "instructblip-tiny", "flamingo-tiny", "qwenvl-tiny",
-                  "fuyu-tiny", "eve-tiny", "kosmos-tiny", "palme-tiny", "unified-tiny")
+SHIPPED_MODELS = ("llava-tiny", "blip2-tiny", "blip2-tiny-lora", "instructblip-tiny", "minigpt4-tiny", "flamingo-tiny",
+                  "qwenvl-tiny", "fuyu-tiny", "eve-tiny", "kosmos-tiny", "palme-tiny", "unified-tiny")
 MODELS_DIR = "tiny/models"
 # A *reference* is a shipped model trained with a larger budget than the recipe's own (the
 # student's 5-minute run): the recipe with these overrides. Notebooks put a student's run
