@@ -200,6 +200,9 @@ MODELS_DIR = "tiny/models"
 # A *reference* is a shipped model trained with a larger budget than the recipe's own (the
 # student's 5-minute run): the recipe with these overrides. Notebooks put a student's run
 # beside it; the demo serves it. Measured in docs/benchmarks.md.
+# The three Q-Former references share one budget, so that they differ only in their recipes
+# (the question in the Q-Former; LoRA on the LM).
+_QFORMER_BUDGET = ["stages.0.steps=2000", "stages.1.steps=300", "stages.2.steps=3000", "stages.2.warmup_steps=100"]
 REFERENCE_BUDGETS: dict[str, list[str]] = {
     "llava-tiny": ["stages.1.steps=7200", "stages.1.warmup_steps=100"],
     "flamingo-tiny": ["stages.0.steps=4000", "stages.0.warmup_steps=100"],
@@ -207,11 +210,9 @@ REFERENCE_BUDGETS: dict[str, list[str]] = {
     "fuyu-tiny": ["stages.1.steps=5000", "stages.1.warmup_steps=100"],
     "kosmos-tiny": ["stages.0.steps=4000", "stages.0.warmup_steps=100"],
     "eve-tiny": ["stages.0.steps=200", "stages.1.steps=800", "stages.2.steps=3500", "stages.2.warmup_steps=100"],
-    "blip2-tiny": ["stages.0.steps=2000", "stages.1.steps=300", "stages.2.steps=3000", "stages.2.warmup_steps=100"],
-    "blip2-tiny-lora": ["stages.0.steps=2000", "stages.1.steps=300", "stages.2.steps=3000",
-                        "stages.2.warmup_steps=100"],
-    "instructblip-tiny": ["stages.0.steps=2000", "stages.1.steps=300", "stages.2.steps=3000",
-                          "stages.2.warmup_steps=100"],
+    "blip2-tiny": list(_QFORMER_BUDGET),
+    "blip2-tiny-lora": list(_QFORMER_BUDGET),
+    "instructblip-tiny": list(_QFORMER_BUDGET),
     "minigpt4-tiny": ["stages.0.steps=2000", "stages.1.steps=2000", "stages.1.warmup_steps=100",
                       "stages.2.steps=400", "stages.2.warmup_steps=20"],
     "palme-tiny": ["stages.1.steps=1500", "stages.1.warmup_steps=50"],
