@@ -38,8 +38,9 @@ install: $(VENV)/.installed
 demo: install
 	$(VENV)/bin/mmkit demo
 
+# --durations=15 lists the slowest tests and notebooks (docs/course/README.md's smoke column).
 test: install
-	SMOKE=1 MPLBACKEND=Agg $(PY) -m pytest -q tests --nbmake notebooks
+	SMOKE=1 MPLBACKEND=Agg $(PY) -m pytest -q --durations=15 tests --nbmake notebooks
 
 # The unit tests without the notebooks and without the tests marked slow (two-process
 # training, the smoke zoo build): a quick loop while editing. `make test` runs everything.

@@ -100,12 +100,16 @@ class AccuracyTracker(Callback):
     process's CPU time per torch thread instead, which other programs on the machine do not
     stretch (the bake-off's curves use it). ``loss_n`` > 0 also records ``answer_loss``: the
     model's loss on the true answers of that many test records (``mmkit.eval.answer_loss``),
-    to set beside the accuracy (is the loss a good stand-in for it?).
+    to set beside the accuracy (is the loss a good stand-in for it?). ``oracle``: ask with the
+    scene's description instead of its picture (``evaluate(..., oracle=True)``), the way a
+    text-oracle recipe (``Stage.describe``) is trained.
     """
 
     def __init__(self, at: Sequence[int], task: str = "vqa", n: int = 100, metric: str = "accuracy",
-                 filename: str | None = None, clock: Callable[[], float] = time.perf_counter, loss_n: int = 0):
+                 filename: str | None = None, clock: Callable[[], float] = time.perf_counter, loss_n: int = 0,
+                 oracle: bool = False):
         self.at, self.task, self.n, self.metric = set(int(a) for a in at), task, n, metric
+        self.oracle = oracle
         self.loss_n = loss_n
         self.filename = filename
         self.clock = clock
@@ -151,7 +155,7 @@ class AccuracyTracker(Callback):
             from mmkit.eval import evaluate
 
             model = trainer.accelerator.unwrap_model(trainer.model)
-            res = evaluate(model, self.task, n=self.n)
+            res = evaluate(model, self.task, n=self.n, oracle=self.oracle)
             self.history[step] = float(res[self.metric])
             row = {"step": step, "train_seconds": round(self.train_seconds, 2), self.metric: float(res[self.metric]),
                    "per_type": {k: float(v) for k, v in (res.get("per_type") or {}).items()}}

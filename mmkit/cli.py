@@ -48,8 +48,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     model = build_model(recipe)
     callbacks = []
     if args.curve:
+        # a text-oracle recipe never sees a picture: its curve asks with the descriptions too
+        oracle = all(st.describe for st in recipe.stages)
         callbacks.append(AccuracyTracker.every(args.curve, recipe.total_steps(), task=args.curve_task,
-                                               n=args.curve_n, filename=CURVE))
+                                               n=args.curve_n, filename=CURVE, oracle=oracle))
     trainer = Trainer(model, recipe, out, callbacks=callbacks, progress=not args.quiet)
     trainer.train(resume=not args.restart)
     if trainer.is_main:
@@ -364,7 +366,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.add_argument("--curve", type=int, default=0, metavar="N",
                    help="evaluate every N steps (and at the end) into OUT/curve.jsonl: accuracy, per type, "
-                        "training minutes")
+                        "training minutes (a text-oracle recipe is asked with the descriptions)")
     t.add_argument("--curve-n", type=int, default=300, metavar="M", help="test questions per curve point")
     t.add_argument("--curve-task", default="vqa", help="the task the curve evaluates (vqa, pope, ...)")
     t.set_defaults(fn=cmd_train)

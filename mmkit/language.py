@@ -99,7 +99,7 @@ __all__ = [
     "NEWLINE_TOKEN", "BOI_TOKEN", "EOI_TOKEN", "RESERVED_TOKENS",
     "CONTROL_TOKENS", "STRUCTURAL_TOKENS", "SPECIAL_TOKENS", "CHATML_TEMPLATE",
     "build_tiny_tokenizer", "tiny_lm_config", "special_token_ids", "split_digits_tokenizer", "load_language_model",
-    "add_special_tokens", "find_lora_targets", "apply_lora", "bnb_config",
+    "add_special_tokens", "find_lora_targets", "apply_lora", "bnb_config", "keep_4bit_trainable",
     "embedding_module_names", "embedding_training_for_new_tokens", "is_adapter_param",
     "compute_dtype_for_device", "to_chat_messages", "LOCAL_MODELS", "local_model_folder",
 ]
@@ -572,6 +572,25 @@ def find_lora_targets(model: nn.Module) -> list[str]:
     return names
 
 
+def keep_4bit_trainable(model) -> int:
+    """Keep every 4-bit layer of ``model`` in the weight layout that can be trained through.
+
+    On a CPU with AVX512-BF16, bitsandbytes repacks a 4-bit weight for a faster inference
+    kernel at its first forward in eval mode, and from then on uses that kernel in training
+    too, where it has no backward: after one evaluation (a learning-curve point, a sample
+    answer) no gradient would flow through the frozen 4-bit layers, so the projector and
+    every adapter below the top layer would stop learning, silently. Turning the repacking
+    off costs some inference speed on such CPUs and changes nothing on a GPU. Returns how
+    many layers it set.
+    """
+    n = 0
+    for module in model.modules():
+        if getattr(module, "support_avx512bf16_for_cpu", False):
+            module.support_avx512bf16_for_cpu = False
+            n += 1
+    return n
+
+
 def apply_lora(model, lora: dict, *, quantized: bool = False, gradient_checkpointing: bool = True):
     """Wrap ``model`` with peft LoRA adapters; only the adapters stay trainable.
 
@@ -661,6 +680,8 @@ def load_language_model(
     model = AutoModelForCausalLM.from_pretrained(src, **kwargs)
     if quantization is None and device is not None:
         model.to(device)
+    if quantization is not None:
+        keep_4bit_trainable(model)
 
     added = _ensure_chat_ready(model, tokenizer, extra_tokens)
     tokenizer.mmkit_added_tokens = added

@@ -32,6 +32,24 @@ def test_train_curve_writes_a_learning_curve_the_plot_reads(trained):
         plot_learning_curves({"empty": []})
 
 
+def test_a_text_oracle_curve_asks_with_descriptions(tiny_assets, tmp_path, monkeypatch):
+    import mmkit.eval
+
+    asked = []
+    real = mmkit.eval.evaluate
+
+    def spy(model, task, **kw):
+        asked.append(kw.get("oracle", False))
+        return real(model, task, **kw)
+
+    monkeypatch.setattr(mmkit.eval, "evaluate", spy)
+    assert main(["train", "--recipe", "oracle-tiny", "--out", str(tmp_path), "--quiet", "--set", "stages.0.steps=2",
+                 "--set", "stages.0.batch_size=2", "--curve", "2", "--curve-n", "4"]) == 0
+    assert asked == [True]  # trained on descriptions, so asked with them, never with the picture
+    row = json.loads((tmp_path / "curve.jsonl").read_text())
+    assert row["step"] == 2 and 0.0 <= row["accuracy"] <= 1.0
+
+
 def test_curves_command_draws_runs_side_by_side(trained, tmp_path, capsys):
     fig = tmp_path / "figs" / "curves.png"
     assert main(["curves", str(trained), str(trained), "--label", "student", "--label", "again",

@@ -50,6 +50,38 @@ def qlora_run(tiny_assets, tmp_path_factory):
 
 
 @needs_bnb
+def test_training_after_an_evaluation_still_reaches_the_projector(tiny_assets):
+    """An answer in eval mode (a learning-curve point, a sample answer) must not change what
+    training does next: the gradients through the frozen 4-bit layers stay the same."""
+    from mmkit.eval import model_world
+    from mmkit.train import set_trainable
+
+    recipe = qlora_recipe()
+    torch.manual_seed(0)
+    model = build_model(recipe)
+    set_trainable(model, ["bridge", "lora"])
+    records = [model_world(model).sample("train", i, "vqa") for i in range(4)]
+    batch = {k: v for k, v in model.processor(records).items() if k != "ids"}
+
+    def projector_grads():
+        model.train()
+        model.zero_grad(set_to_none=True)
+        model(**batch)["loss"].backward()
+        return {n: p.grad.clone() for n, p in model.bridge.named_parameters()}
+
+    before = projector_grads()
+    model.eval()
+    with torch.no_grad():
+        model.generate(records=records[:1], max_new_tokens=2)
+    after = projector_grads()
+    for name, g in before.items():
+        assert g.norm() > 0, f"bridge.{name}: no gradient before any evaluation"
+        assert torch.allclose(after[name], g, rtol=1e-4, atol=1e-6), (
+            f"bridge.{name}: gradient norm {float(g.norm()):.4g} before an evaluation, "
+            f"{float(after[name].norm()):.4g} after it")
+
+
+@needs_bnb
 def test_qlora_learns_colours_and_checkpoint_is_peft(qlora_run):
     out, model = qlora_run
     q = model.lm.base_model.model.model.layers[0].self_attn.q_proj
