@@ -579,7 +579,8 @@ def keep_4bit_trainable(model) -> int:
     kernel at its first forward in eval mode, and from then on uses that kernel in training
     too, where it has no backward: after one evaluation (a learning-curve point, a sample
     answer) no gradient would flow through the frozen 4-bit layers, so the projector and
-    every adapter below the top layer would stop learning, silently. Turning the repacking
+    every adapter but those on the projections that write into the residual stream would
+    get a zero gradient, silently. Turning the repacking
     off costs some inference speed on such CPUs and changes nothing on a GPU. Returns how
     many layers it set.
     """
