@@ -580,9 +580,8 @@ def keep_4bit_trainable(model) -> int:
     too, where it has no backward: after one evaluation (a learning-curve point, a sample
     answer) no gradient would flow through the frozen 4-bit layers, so the projector and
     every adapter but those on the projections that write into the residual stream would
-    get a zero gradient, silently. Turning the repacking
-    off costs some inference speed on such CPUs and changes nothing on a GPU. Returns how
-    many layers it set.
+    get a zero gradient, silently. Turning the repacking off costs some inference speed on
+    such CPUs and changes nothing on a GPU. Returns how many layers it set.
     """
     n = 0
     for module in model.modules():
