@@ -32,6 +32,8 @@ def test_every_notebook_sets_its_mode_in_its_first_code_cell(path):
     first = next(_src(c) for c in cells if c["cell_type"] == "code")
     assert 'MODE = mmkit.mode("' in first and 'SMOKE = MODE == "smoke"' in first
     assert not any('os.environ.get("SMOKE")' in _src(c) for c in cells)  # one place decides the mode
+    intro = _src(cells[0])  # the first cell says what each mode runs here
+    assert "**Run mode.**" in intro and all(f'`"{m}"`' in intro for m in ("smoke", "classroom", "full")), path.stem
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
@@ -40,12 +42,15 @@ def test_exercise_cells_are_marked_for_nbgrader(path):
     marked = dict((name, i) for i, name in course.exercise_cells(nb))
     mine = {e.name for e in ex.list_exercises(path.stem)}
     assert set(marked) <= mine, f"grade_ids that are not exercises of {path.stem}: {set(marked) - mine}"
+    assert set(marked) == mine, f"exercises of {path.stem} without nbgrader metadata: {mine - set(marked)}"
     for name, i in marked.items():
         defines = ex.EXERCISES[name].defines
         assert re.search(rf"^(def|class) {defines}\(", _src(nb["cells"][i]), re.M), (path.stem, name)
         assert "# YOUR CODE HERE" in _src(nb["cells"][i])
         meta = nb["cells"][i]["metadata"]["nbgrader"]
         assert meta["solution"] and not meta["locked"] and meta["schema_version"] == 3
+        check = nb["cells"][i + 1]["metadata"].get("nbgrader", {})  # the check cell, right below
+        assert check.get("grade_id") == f"{name}-check" and check["locked"] and not check["solution"], (path.stem, name)
 
 
 def test_every_build_up_exercise_is_in_its_notebook():
