@@ -156,3 +156,32 @@ def test_skeleton_cells_run_and_their_checks_say_not_written_yet(path, capsys):
         assert not ex.check(name, ns[ex.EXERCISES[name].defines])
         out = capsys.readouterr().out
         assert "not written yet" in out and f"solution('{name}')" in out, out
+
+
+def _sections(text, level):
+    """{"00": body, ...}: the sections of a Markdown text whose heading (at ``level``) starts
+    with a notebook number."""
+    parts = re.split(rf"^{'#' * level} (\d\d)\b.*$", text, flags=re.M)
+    return {parts[i]: parts[i + 1] for i in range(1, len(parts), 2)}
+
+
+def test_the_course_pack_covers_every_notebook():
+    """Outline, timing row, answer key and questionnaire for each notebook, one answer per question."""
+    docs = course.notebooks_dir().parent / "docs" / "course"
+    readme = (docs / "README.md").read_text(encoding="utf-8")
+    answers = (docs / "answers.md").read_text(encoding="utf-8")
+    exercises_part, rest = answers.split("## Read the plot")
+    key = _sections(rest.split("## Questionnaire")[1], 3)
+    questions = _sections((docs / "questionnaire.md").read_text(encoding="utf-8"), 2)
+    outline = _sections(readme, 3)
+    for path in NOTEBOOKS:
+        num = path.stem[:2]
+        assert num in outline, f"docs/course/README.md: no outline section '### {num} · ...'"
+        assert re.search(rf"^\| {num} ", readme, re.M), f"docs/course/README.md: no timing row for {num}"
+        for e in ex.list_exercises(path.stem):
+            assert f"`{e.defines}" in exercises_part or f"`{e.name}" in exercises_part, \
+                f"docs/course/answers.md: no answer for the exercise {e.name} of {path.stem}"
+        asked = re.findall(r"^\s*(\d+)\. ", questions.get(num, ""), re.M)
+        answered = re.findall(r"^\s*(\d+)\. ", key.get(num, ""), re.M)
+        assert asked, f"docs/course/questionnaire.md: no questions for {num}"
+        assert answered == asked, f"docs/course/answers.md: questionnaire {num} answers {answered}, asks {asked}"
