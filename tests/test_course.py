@@ -185,3 +185,25 @@ def test_the_course_pack_covers_every_notebook():
         answered = re.findall(r"^\s*(\d+)\. ", key.get(num, ""), re.M)
         assert asked, f"docs/course/questionnaire.md: no questions for {num}"
         assert answered == asked, f"docs/course/answers.md: questionnaire {num} answers {answered}, asks {asked}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
+def test_the_answer_key_runs_top_to_bottom_and_every_check_passes(path, tmp_path, monkeypatch):
+    """The instructor copy (every exercise filled in) executes in smoke mode, and every check
+    cell says it is correct: the reference answers also work where the notebook goes on to use them."""
+    import nbformat
+    from nbclient import NotebookClient
+
+    from mmkit.exercises.core import OK
+
+    monkeypatch.setenv("SMOKE", "1")
+    monkeypatch.setenv("MPLBACKEND", "Agg")
+    (key,) = course.export(tmp_path / "key", "instructor", [path])
+    nb = nbformat.read(key, as_version=4)
+    NotebookClient(nb, timeout=900, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
+    checked = course.exercise_cells(nb)
+    assert len(checked) == len(ex.list_exercises(path.stem))
+    for i, name in checked:
+        out = "".join(o.get("text", "") for o in nb.cells[i + 1].outputs if o.output_type == "stream")
+        assert OK in out and "✗" not in out, f"{path.stem}, exercise {name} (cell {i + 1}): {out[:400]}"
